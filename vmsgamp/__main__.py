@@ -1,0 +1,5 @@
+import sys
+
+from vmsgamp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,2 @@
+"""Compiled mechanism: regions, FIFOs, virtqueues, doorbells.  Imports nothing
+from vmsgamp.protocol."""

@@ -1,0 +1,354 @@
+# cython: freethreading_compatible = False
+"""Region: a mapped window of shared memory with bounds-checked typed access.
+
+Every typed access is a single naturally aligned little-endian load or store
+with an explicit memory order (csrc/vmsgamp_io.h).  Payload windows are
+zero-copy memoryviews / numpy arrays.  A Region is unmapped only when nobody
+can still reach it: close() while views are exported or while a FIFO/queue
+has pinned it marks it closing and the unmap happens when the last user
+lets go, so no access can ever touch an unmapped page.
+"""
+from cpython.buffer cimport PyBUF_WRITABLE
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
+from libc.errno cimport errno
+from libc.string cimport strerror
+from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+
+import os
+
+from vmsgamp._core.io cimport (
+    VM_RELAXED, VM_ACQUIRE, VM_RELEASE, VM_SEQ_CST, VM_MEM_NORMAL, VM_MEM_DEVICE,
+    vm_load8, vm_load16, vm_load32, vm_load64,
+    vm_store8, vm_store16, vm_store32, vm_store64,
+    vm_copy_to_shared, vm_copy_from_shared, vm_zero_shared, vm_fence_seq_cst,
+)
+
+RELAXED = VM_RELAXED
+ACQUIRE = VM_ACQUIRE
+RELEASE = VM_RELEASE
+SEQ_CST = VM_SEQ_CST
+MEM_NORMAL = VM_MEM_NORMAL
+MEM_DEVICE = VM_MEM_DEVICE
+
+_ORDER_NAMES = {"relaxed": VM_RELAXED, "acquire": VM_ACQUIRE,
+                "release": VM_RELEASE, "seq_cst": VM_SEQ_CST}
+_MEMTYPES = {"normal": VM_MEM_NORMAL, "device": VM_MEM_DEVICE}
+
+
+cdef int _load_order(object order) except -1:
+    cdef int o = _ORDER_NAMES[order] if isinstance(order, str) else order
+    if o not in (VM_RELAXED, VM_ACQUIRE, VM_SEQ_CST):
+        raise ValueError(f"invalid memory order for a load: {order!r} (relaxed, acquire, seq_cst)")
+    return o
+
+
+cdef int _store_order(object order) except -1:
+    cdef int o = _ORDER_NAMES[order] if isinstance(order, str) else order
+    if o not in (VM_RELAXED, VM_RELEASE, VM_SEQ_CST):
+        raise ValueError(f"invalid memory order for a store: {order!r} (relaxed, release, seq_cst)")
+    return o
+
+
+def memtype_from_name(name):
+    """'normal' or 'device' (or the int constants) -> int."""
+    if isinstance(name, int):
+        if name not in (VM_MEM_NORMAL, VM_MEM_DEVICE):
+            raise ValueError(f"unknown memtype {name!r}")
+        return name
+    try:
+        return _MEMTYPES[name]
+    except KeyError:
+        raise ValueError(f"unknown memtype {name!r}: use 'normal' or 'device'") from None
+
+
+cdef class Region:
+    """A mapping of shared memory.
+
+    Build one with :meth:`Region.from_fd`, :meth:`Region.memfd` or through
+    ``vmsgamp.carriers.open_region(uri)``.  ``bus_base`` is the address the
+    peer uses for offset 0 (virtqueue and buffer addresses are
+    ``bus_base + offset``).  ``memtype`` is ``MEM_NORMAL`` for RAM and
+    ``MEM_DEVICE`` for uncached device memory (payload copies then use aligned
+    32-bit accesses).
+    """
+
+    def __cinit__(self):
+        self.base = NULL
+        self._map_base = NULL
+        self._map_len = 0
+        self.size = 0
+        self._fd = -1
+        self._exports = 0
+        self._pins = 0
+        self._closing = False
+        self._unmapped = True
+        self._on_close = []
+        self.uri = None
+
+    def __init__(self):
+        raise TypeError("use Region.from_fd(), Region.memfd() or vmsgamp.carriers.open_region()")
+
+    @staticmethod
+    def from_fd(int fd, size_t size, *, size_t offset=0, size_t map_offset=0,
+                uint64_t bus_base=0, memtype="normal", bint readonly=False,
+                bint own_fd=False, uri=None):
+        """Map ``size`` bytes of ``fd`` starting at file offset ``offset``.
+
+        ``offset`` must be page-aligned (it is the mmap offset); ``map_offset``
+        is added to the mapped pointer (UIO maps that do not start on a page).
+        With ``own_fd`` the Region keeps ``fd`` and closes it on close().
+        """
+        cdef Region r = Region.__new__(Region)
+        cdef int prot = PROT_READ if readonly else (PROT_READ | PROT_WRITE)
+        cdef size_t maplen = size + map_offset
+        cdef void *p
+        if size == 0:
+            raise ValueError("a region needs a non-zero size")
+        if offset % os.sysconf("SC_PAGE_SIZE"):
+            raise ValueError(f"mmap offset {offset:#x} is not page-aligned")
+        with nogil:
+            p = mmap(NULL, maplen, prot, MAP_SHARED, fd, <long>offset)
+        if p == MAP_FAILED:
+            e = errno
+            raise OSError(e, f"cannot map {maplen} bytes at offset {offset:#x} of fd {fd}: "
+                             f"{strerror(e).decode()}")
+        r._map_base = <char *>p
+        r._map_len = maplen
+        r.base = <char *>p + map_offset
+        r.size = size
+        r._unmapped = False
+        r.bus_base = bus_base
+        r.memtype = memtype_from_name(memtype)
+        r.readonly = readonly
+        r._fd = fd if own_fd else -1
+        r.uri = uri
+        return r
+
+    @staticmethod
+    def memfd(size_t size, name="vmsgamp", *, uint64_t bus_base=0):
+        """A new anonymous shared-memory region (memfd) that can be passed to
+        another process by its fd (``region.fd``) or inherited over fork."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            return Region.from_fd(fd, size, bus_base=bus_base, own_fd=True,
+                                  uri=f"memfd:{name}")
+        except BaseException:
+            os.close(fd)
+            raise
+
+    # ---- lifetime ---------------------------------------------------------
+
+    cdef int pin(self) except -1:
+        self._check_open()
+        self._pins += 1
+        return 0
+
+    cdef void unpin(self):
+        if self._pins > 0:
+            self._pins -= 1
+        self._maybe_unmap()
+
+    cdef int _check_open(self) except -1:
+        if self._closing or self._unmapped:
+            raise ValueError(f"region {self.uri or ''} is closed".replace("  ", " "))
+        return 0
+
+    cdef void _maybe_unmap(self):
+        if not self._closing or self._unmapped or self._exports or self._pins:
+            return
+        munmap(self._map_base, self._map_len)
+        self._unmapped = True
+        self.base = NULL
+        self._map_base = NULL
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        callbacks, self._on_close = self._on_close, []
+        for cb in callbacks:
+            try:
+                cb()
+            except Exception:
+                pass
+
+    def add_close_callback(self, cb):
+        """Run ``cb()`` once the mapping is really gone (used by carriers to
+        release what backs the mapping)."""
+        if self._unmapped:
+            cb()
+        else:
+            self._on_close.append(cb)
+
+    def close(self):
+        """Close the region.  Idempotent.  While views are exported or a FIFO
+        or queue still uses the region, the unmap is deferred until the last
+        of them is released; the region refuses new accesses at once."""
+        self._closing = True
+        self._maybe_unmap()
+
+    @property
+    def closed(self):
+        return self._closing or self._unmapped
+
+    @property
+    def mapped(self):
+        """True while the memory is still mapped (close may be deferred)."""
+        return not self._unmapped
+
+    @property
+    def fd(self):
+        """The file descriptor backing the region, or -1 if it does not own one."""
+        return self._fd
+
+    def fileno(self):
+        if self._fd < 0:
+            raise ValueError("this region does not own a file descriptor")
+        return self._fd
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __dealloc__(self):
+        if not self._unmapped and self._map_base != NULL:
+            munmap(self._map_base, self._map_len)
+            self._unmapped = True
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __repr__(self):
+        state = "closed" if self.closed else "open"
+        mt = "device" if self.memtype == VM_MEM_DEVICE else "normal"
+        return (f"<Region {self.uri or '?'} size={self.size:#x} bus_base={self.bus_base:#x} "
+                f"memtype={mt} {state}>")
+
+    def __len__(self):
+        return self.size
+
+    # ---- bounds -----------------------------------------------------------
+
+    cdef char *ptr(self, size_t off, size_t n) except NULL:
+        self._check_open()
+        if off > self.size or n > self.size - off:
+            raise IndexError(f"access [{off:#x}, +{n:#x}) outside region of size {self.size:#x}")
+        return self.base + off
+
+    cdef char *_word(self, size_t off, size_t width) except NULL:
+        cdef char *p = self.ptr(off, width)
+        if (<uintptr_t>p) % width:
+            raise ValueError(f"{width * 8}-bit access at offset {off:#x} is not naturally aligned")
+        return p
+
+    def check_range(self, size_t off, size_t n):
+        """Raise IndexError unless [off, off+n) lies inside the region."""
+        self.ptr(off, n)
+
+    # ---- typed access -----------------------------------------------------
+
+    def load8(self, size_t off, order=VM_RELAXED):
+        return vm_load8(self._word(off, 1), _load_order(order))
+
+    def load16(self, size_t off, order=VM_RELAXED):
+        return vm_load16(self._word(off, 2), _load_order(order))
+
+    def load32(self, size_t off, order=VM_RELAXED):
+        return vm_load32(self._word(off, 4), _load_order(order))
+
+    def load64(self, size_t off, order=VM_RELAXED):
+        return vm_load64(self._word(off, 8), _load_order(order))
+
+    cdef int _writable(self) except -1:
+        if self.readonly:
+            raise PermissionError(f"region {self.uri or ''} is mapped read-only")
+        return 0
+
+    def store8(self, size_t off, uint8_t value, order=VM_RELAXED):
+        self._writable()
+        vm_store8(self._word(off, 1), value, _store_order(order))
+
+    def store16(self, size_t off, uint16_t value, order=VM_RELAXED):
+        self._writable()
+        vm_store16(self._word(off, 2), value, _store_order(order))
+
+    def store32(self, size_t off, uint32_t value, order=VM_RELAXED):
+        self._writable()
+        vm_store32(self._word(off, 4), value, _store_order(order))
+
+    def store64(self, size_t off, uint64_t value, order=VM_RELAXED):
+        self._writable()
+        vm_store64(self._word(off, 8), value, _store_order(order))
+
+    def fence(self):
+        """Full memory barrier (seq_cst)."""
+        vm_fence_seq_cst()
+
+    # ---- payload ----------------------------------------------------------
+
+    def read(self, size_t off, size_t n):
+        """Copy n bytes out of the region (word-sized for device memory)."""
+        cdef char *p = self.ptr(off, n)
+        out = bytearray(n)
+        cdef char *d = out
+        with nogil:
+            vm_copy_from_shared(d, p, n, self.memtype)
+        return bytes(out)
+
+    def write(self, size_t off, data):
+        """Copy bytes into the region (word-sized for device memory)."""
+        self._writable()
+        cdef const unsigned char[::1] src = memoryview(data).cast("B")
+        cdef size_t n = src.shape[0]
+        cdef char *p = self.ptr(off, n)
+        if n:
+            with nogil:
+                vm_copy_to_shared(p, &src[0], n, self.memtype)
+
+    def zero(self, size_t off, size_t n):
+        self._writable()
+        cdef char *p = self.ptr(off, n)
+        with nogil:
+            vm_zero_shared(p, n, self.memtype)
+
+    def view(self, size_t off=0, n=None):
+        """Zero-copy memoryview of [off, off+n).  Keeps the mapping alive."""
+        cdef size_t ln = (self.size - off) if n is None else n
+        self.ptr(off, ln)
+        return memoryview(self)[off:off + ln]
+
+    def ndarray(self, dtype="u1", size_t off=0, count=None):
+        """Zero-copy numpy array over the region (little-endian dtypes advised:
+        '<u4', '<u8').  For normal memory only; device memory needs read()/write()."""
+        import numpy as np
+        dt = np.dtype(dtype)
+        cdef size_t n = ((self.size - off) // dt.itemsize) if count is None else count
+        self.ptr(off, n * dt.itemsize)
+        return np.frombuffer(self, dtype=dt, count=n, offset=off)
+
+    # ---- buffer protocol ----------------------------------------------------
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        self._check_open()
+        if (flags & PyBUF_WRITABLE) and self.readonly:
+            raise BufferError("region is mapped read-only")
+        buffer.buf = self.base
+        buffer.obj = self
+        buffer.len = self.size
+        buffer.readonly = self.readonly
+        buffer.itemsize = 1
+        buffer.format = "B"
+        buffer.ndim = 1
+        buffer.shape = NULL
+        buffer.strides = NULL
+        buffer.suboffsets = NULL
+        buffer.internal = NULL
+        self._exports += 1
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        self._exports -= 1
+        self._maybe_unmap()
