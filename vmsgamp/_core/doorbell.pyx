@@ -1,0 +1,279 @@
+"""Doorbells: how one side tells the other "look at the FIFO".
+
+Interface: ring(), fileno(), wait(timeout), drain(), close().
+* EventfdDoorbell: ring writes the peer's eventfd, wait polls our own.  The
+  FIFO calls it at C level without the GIL.
+* PollingDoorbell: for peers without interrupts (a bare shm: object); ring
+  does nothing and waiting is done by polling the FIFO itself.
+* Python subclasses (UIO, PCI registers, in later carriers) override ring()
+  and wait(); the FIFO then calls them with the GIL held.
+"""
+from libc.errno cimport errno, EINTR, EAGAIN
+from libc.stdint cimport uint64_t
+from posix.unistd cimport read, write, close as c_close
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from cpython.exc cimport PyErr_CheckSignals
+
+import os
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+
+cdef inline long long _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef int _check_signals_nogil() except -1 nogil:
+    with gil:
+        PyErr_CheckSignals()
+    return 0
+
+
+cdef int wait_fd_readable(int fd, long long timeout_ns) except -1 nogil:
+    """Wait until fd is readable: 1 readable, 0 timeout.  timeout_ns < 0 waits
+    forever.  Interruptible: a pending Python signal (Ctrl-C) raises."""
+    cdef pollfd p
+    cdef long long deadline = _now_ns() + timeout_ns if timeout_ns >= 0 else -1
+    cdef long long left
+    cdef int ms, rc
+    while True:
+        if deadline < 0:
+            ms = -1
+        else:
+            left = deadline - _now_ns()
+            if left <= 0:
+                ms = 0
+            else:
+                ms = <int>((left + 999999) // 1000000)
+        p.fd = fd
+        p.events = POLLIN
+        p.revents = 0
+        rc = poll(&p, 1, ms)
+        if rc > 0:
+            return 1
+        if rc == 0:
+            return 0
+        if errno == EINTR:
+            _check_signals_nogil()
+            continue
+        with gil:
+            raise OSError(errno, "poll on doorbell fd failed")
+
+
+cdef class Doorbell:
+    """Base class.  Python subclasses override ring(), wait(), drain(),
+    fileno() and close()."""
+
+    def __cinit__(self, *args, **kwargs):
+        self.kind = DB_KIND_PYTHON
+        self.rx_fd = -1
+        self.tx_fd = -1
+        self._own_rx = False
+        self._own_tx = False
+        self.closed = False
+        self.rings = 0
+        self.wakeups = 0
+
+    # C-level entry points used by the FIFO.  The base versions call the
+    # Python-level methods so subclasses written in Python just work.
+    cdef int c_ring(self) except -1 nogil:
+        with gil:
+            self.ring()
+        return 0
+
+    cdef int c_wait(self, long long timeout_ns) except -1 nogil:
+        cdef bint r
+        with gil:
+            r = bool(self.wait(None if timeout_ns < 0 else timeout_ns / 1e9))
+        return 1 if r else 0
+
+    cdef int c_drain(self) except -1 nogil:
+        with gil:
+            self.drain()
+        return 0
+
+    def ring(self):
+        """Notify the peer."""
+        raise NotImplementedError
+
+    def wait(self, timeout=None):
+        """Block until the peer rings (True) or the timeout expires (False)."""
+        raise NotImplementedError
+
+    def drain(self):
+        """Consume pending notifications without blocking."""
+
+    def fileno(self):
+        """An fd that becomes readable when the peer rings, for select/asyncio."""
+        raise ValueError(f"{type(self).__name__} has no file descriptor to wait on")
+
+    @property
+    def can_wait(self):
+        """False for doorbells without an interrupt source (waiters poll)."""
+        return self.kind != DB_KIND_POLL
+
+    def close(self):
+        self.closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+cdef class PollingDoorbell(Doorbell):
+    """No interrupt source: ring() is a no-op and waiters poll the FIFO."""
+
+    def __cinit__(self, *args, **kwargs):
+        self.kind = DB_KIND_POLL
+
+    cdef int c_ring(self) except -1 nogil:
+        return 0
+
+    cdef int c_wait(self, long long timeout_ns) except -1 nogil:
+        return 0
+
+    cdef int c_drain(self) except -1 nogil:
+        return 0
+
+    def ring(self):
+        pass
+
+    def wait(self, timeout=None):
+        """Nothing can ring a polling doorbell: sleep for the timeout and say
+        'not rung' so the caller re-checks its queue."""
+        if timeout is None:
+            raise ValueError("a PollingDoorbell cannot wait forever; poll the FIFO instead")
+        import time
+        time.sleep(timeout)
+        return False
+
+    def __repr__(self):
+        return "<PollingDoorbell>"
+
+
+cdef class EventfdDoorbell(Doorbell):
+    """Eventfd doorbell: ``rx_fd`` is ours (the peer writes it to wake us),
+    ``tx_fd`` is the peer's (we write 1 to it to ring).  Either may be -1
+    (receive-only or send-only).  With ``own=True`` both fds are closed by
+    close()."""
+
+    def __cinit__(self, *args, **kwargs):
+        self.kind = DB_KIND_EVENTFD
+
+    def __init__(self, int rx_fd=-1, int tx_fd=-1, *, bint own=True):
+        self.rx_fd = rx_fd
+        self.tx_fd = tx_fd
+        self._own_rx = own and rx_fd >= 0
+        self._own_tx = own and tx_fd >= 0 and tx_fd != rx_fd
+
+    @staticmethod
+    def pair():
+        """Two cross-wired doorbells (a rings b, b rings a), e.g. for two
+        processes created by fork or passed over a UNIX socket."""
+        a_rx = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        b_rx = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        a = EventfdDoorbell(a_rx, b_rx, own=True)
+        b = EventfdDoorbell(b_rx, a_rx, own=False)
+        return a, b
+
+    @property
+    def rx(self):
+        return self.rx_fd
+
+    @property
+    def tx(self):
+        return self.tx_fd
+
+    cdef int c_ring(self) except -1 nogil:
+        cdef uint64_t one = 1
+        cdef long rc
+        if self.tx_fd < 0:
+            with gil:
+                raise ValueError("this doorbell has no peer eventfd to ring")
+        while True:
+            rc = write(self.tx_fd, &one, 8)
+            if rc == 8:
+                self.rings += 1
+                return 0
+            # EAGAIN: the counter is saturated, so the peer is already due
+            # to wake up; ringing again adds nothing.
+            if rc < 0 and errno == EAGAIN:
+                return 0
+            if rc < 0 and errno == EINTR:
+                continue
+            with gil:
+                raise OSError(errno, "ringing the peer's eventfd failed")
+
+    cdef int c_drain(self) except -1 nogil:
+        cdef uint64_t v
+        cdef long rc
+        if self.rx_fd < 0:
+            return 0
+        while True:
+            rc = read(self.rx_fd, &v, 8)
+            if rc == 8:
+                self.wakeups += 1
+                continue  # a non-EFD_SEMAPHORE read empties it; loop ends on EAGAIN
+            if rc < 0 and errno == EINTR:
+                continue
+            return 0
+
+    cdef int c_wait(self, long long timeout_ns) except -1 nogil:
+        if self.rx_fd < 0:
+            with gil:
+                raise ValueError("this doorbell has no eventfd to wait on")
+        if wait_fd_readable(self.rx_fd, timeout_ns):
+            self.c_drain()
+            return 1
+        return 0
+
+    def ring(self):
+        with nogil:
+            self.c_ring()
+
+    def wait(self, timeout=None):
+        cdef long long t = -1 if timeout is None else <long long>(timeout * 1e9)
+        cdef int r
+        with nogil:
+            r = self.c_wait(t)
+        return bool(r)
+
+    def drain(self):
+        with nogil:
+            self.c_drain()
+
+    def fileno(self):
+        if self.rx_fd < 0:
+            raise ValueError("this doorbell has no eventfd to wait on")
+        return self.rx_fd
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        if self._own_rx and self.rx_fd >= 0:
+            c_close(self.rx_fd)
+        if self._own_tx and self.tx_fd >= 0:
+            c_close(self.tx_fd)
+        self.rx_fd = -1
+        self.tx_fd = -1
+
+    def __dealloc__(self):
+        if not self.closed:
+            if self._own_rx and self.rx_fd >= 0:
+                c_close(self.rx_fd)
+            if self._own_tx and self.tx_fd >= 0:
+                c_close(self.tx_fd)
+
+    def __repr__(self):
+        return f"<EventfdDoorbell rx={self.rx_fd} tx={self.tx_fd}{' closed' if self.closed else ''}>"

@@ -1,0 +1,61 @@
+from libc.stdint cimport uint16_t, uint32_t, uint64_t
+from vmsgamp._core.region cimport Region
+from vmsgamp._core.doorbell cimport Doorbell
+
+cdef class MsgFifo:
+    cdef readonly Region region
+    cdef readonly Doorbell doorbell
+    cdef readonly int layout            # LAYOUT_B / LAYOUT_A
+    cdef readonly int role              # ROLE_DEVICE / ROLE_DRIVER
+    cdef readonly size_t offset         # window start inside the region
+    cdef readonly size_t window
+    cdef readonly uint32_t num_slots    # ring size N (N-1 messages in flight)
+    cdef readonly uint32_t slot_size    # bytes per element
+    cdef readonly uint32_t header_size  # 8 (G2) or 6 (G1)
+    cdef uint32_t msg_size_off          # where msg_size sits in the header
+    cdef int memtype
+
+    # Gen B: queue heads; Gen A: the two 4 KiB blocks.
+    cdef char *my_qh
+    cdef char *peer_qh
+    cdef char *tx_block
+    cdef char *rx_block
+    cdef char *tx_elems
+    cdef char *rx_elems
+
+    # Private shadows of the shared indices (never read back from memory).
+    cdef uint32_t tx_idx                # my producer index
+    cdef uint32_t rx_idx                # my consumer index
+    cdef uint32_t peer_cons_cache       # last peer consumer index seen (A2)
+    cdef uint32_t peer_prod_cache       # last peer producer index seen (A1)
+    cdef uint16_t my_status             # what I last wrote to my status word
+
+    cdef int fstate                     # FSTATE_* (private)
+    cdef bint peer_seen_run
+    cdef readonly object broken_reason
+    cdef int pending_bad                # a bad msg_size consumed during a burst, reported next call
+    cdef public long long spin_ns       # spin before blocking in waits
+    cdef bint _pinned
+
+    cdef readonly unsigned long long sent
+    cdef readonly unsigned long long received
+    cdef readonly unsigned long long dropped
+    cdef readonly unsigned long long rings
+    cdef readonly unsigned long long sleeps
+
+    cdef int _check_running(self) except -1
+    cdef int _break(self, str reason) except -1
+    cdef int _peer_event(self, uint16_t st) except -1
+    cdef int _refresh_prod(self) except -1 nogil
+    cdef int _refresh_cons(self) except -1 nogil
+    cdef int _send_raw(self, const char *buf, size_t n) except -1 nogil
+    cdef int _publish_tx(self) except -1 nogil
+    cdef int _publish_rx(self) noexcept nogil
+    cdef int _check_msg(self, const char *p, size_t n) except -1
+    cdef int _last_bad_size(self)
+    cdef int _recv_raw(self, char *out, size_t cap) except -2 nogil
+    cdef int _notify(self) except -1 nogil
+    cdef int _set_waiting(self, bint on) noexcept nogil
+    cdef int _wait_readable(self, long long timeout_ns) except -1 nogil
+    cdef int _wait_writable(self, long long timeout_ns) except -1 nogil
+    cdef void _write_status(self, uint16_t state)
