@@ -760,6 +760,13 @@ cdef class MsgFifo:
             self._refresh_prod()
         return (self.peer_prod_cache + self.num_slots - self.rx_idx) % self.num_slots
 
+    def free_slots(self):
+        """Messages that can be sent now without blocking."""
+        self._check_running()
+        with nogil:
+            self._refresh_cons()
+        return (self.peer_cons_cache + self.num_slots - 1 - self.tx_idx) % self.num_slots
+
     def stats(self):
         return {"sent": self.sent, "received": self.received, "dropped": self.dropped,
                 "rings": self.rings, "sleeps": self.sleeps, "state": self.state,

@@ -17,9 +17,9 @@ cdef class Region:
     cdef object _on_close      # callables run after unmapping
 
     cdef int pin(self) except -1
-    cdef void unpin(self)
+    cdef void unpin(self) noexcept
     cdef char *ptr(self, size_t off, size_t n) except NULL
     cdef int _check_open(self) except -1
     cdef char *_word(self, size_t off, size_t width) except NULL
     cdef int _writable(self) except -1
-    cdef void _maybe_unmap(self)
+    cdef void _maybe_unmap(self) noexcept

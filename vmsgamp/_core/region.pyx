@@ -144,7 +144,7 @@ cdef class Region:
         self._pins += 1
         return 0
 
-    cdef void unpin(self):
+    cdef void unpin(self) noexcept:
         if self._pins > 0:
             self._pins -= 1
         self._maybe_unmap()
@@ -154,7 +154,7 @@ cdef class Region:
             raise ValueError(f"region {self.uri or ''} is closed".replace("  ", " "))
         return 0
 
-    cdef void _maybe_unmap(self):
+    cdef void _maybe_unmap(self) noexcept:
         if not self._closing or self._unmapped or self._exports or self._pins:
             return
         munmap(self._map_base, self._map_len)

@@ -1,0 +1,390 @@
+"""MsgFifo: behaviour, hostile peers, lifecycle."""
+import os
+import signal
+import struct
+import threading
+
+import pytest
+
+from conftest import start_pair
+from vmsgamp._core.doorbell import EventfdDoorbell, PollingDoorbell
+from vmsgamp._core.fifo import MsgFifo, default_layout, read_layout, validate_layout
+from vmsgamp._core.region import Region
+from vmsgamp.errors import (
+    BadMessageSize, FifoBrokenError, HandshakeTimeout, LayoutError, PeerRestarted, PeerShutdown,
+)
+from vmsgamp.testing.fifo_model import PyFifoPeer, make_msg
+
+
+def test_round_trip_both_directions(fifo_pair):
+    dev, drv, _ = fifo_pair
+    buf = bytearray(64)
+    for size in (8, 9, 48, 63, 64):
+        m = make_msg(size, size)
+        assert drv.try_send(m)
+        assert dev.try_recv(buf) == size and bytes(buf[:size]) == m
+        assert dev.try_send(m)
+        assert drv.recv(buf, timeout=1) == size and bytes(buf[:size]) == m
+    assert dev.try_recv(buf) == 0 and drv.try_recv(buf) == 0
+
+
+def test_capacity_is_n_minus_one_and_burst(fifo_pair):
+    dev, drv, _ = fifo_pair
+    n = dev.num_slots
+    msgs = b"".join(make_msg(i) for i in range(2 * n))
+    assert drv.send_burst(msgs, 64) == n - 1
+    assert not drv.try_send(make_msg(0))
+    into = bytearray(64 * 200)
+    assert dev.recv_burst(into, max_count=5) == 5
+    assert dev.recv_burst(into) == n - 6
+    seqs = [struct.unpack_from("<Q", into, i * 64 + 8)[0] for i in range(n - 6)]
+    assert seqs == list(range(5, n - 1))
+    assert dev.recv_burst(into) == 0
+
+
+def test_send_many_recv_many(fifo_pair):
+    dev, drv, _ = fifo_pair
+    msgs = [make_msg(i, 8 + i % 57) for i in range(20)]
+    assert dev.send_many(msgs) == 20
+    assert drv.recv_many() == msgs
+
+
+def test_message_validation_is_local_error(fifo_pair):
+    dev, drv, _ = fifo_pair
+    with pytest.raises(ValueError, match="does not fit"):
+        dev.try_send(b"\0" * 65)
+    with pytest.raises(ValueError, match="does not fit"):
+        dev.try_send(b"\0" * 4)
+    with pytest.raises(ValueError, match="msg_size"):
+        dev.try_send(struct.pack("<BBHHH", 0, 2, 0, 1, 40) + b"\0" * 8)  # says 40, gives 16
+    # too-small receive buffer: error, and the message stays queued
+    assert drv.try_send(make_msg(1, 64))
+    with pytest.raises(ValueError, match="smaller"):
+        dev.try_recv(bytearray(16))
+    assert dev.try_recv(bytearray(64)) == 64
+
+
+def test_blocking_recv_wakes_on_send_and_times_out(fifo_pair):
+    dev, drv, _ = fifo_pair
+    dev.spin_ns = 0  # go to sleep at once so the doorbell path is used
+    t = threading.Timer(0.05, lambda: drv.try_send(make_msg(7)))
+    t.start()
+    buf = bytearray(64)
+    assert dev.recv(buf, timeout=5) == 64
+    t.join()
+    assert dev.sleeps >= 1 and drv.rings >= 1
+    with pytest.raises(TimeoutError):
+        dev.recv(buf, timeout=0.02)
+
+
+def test_no_ring_while_receiver_is_busy(fifo_pair):
+    """Suppression: a receiver that is not asleep costs the sender no syscall."""
+    dev, drv, _ = fifo_pair
+    for i in range(10):
+        assert drv.try_send(make_msg(i))
+        assert dev.try_recv(bytearray(64)) == 64
+    assert drv.rings == 0
+
+
+def test_lost_wakeup_race_many_times():
+    """Receiver goes to sleep while the sender publishes: must always wake."""
+    region = Region.memfd(16384)
+    a, b = EventfdDoorbell.pair()
+    dev = MsgFifo(region, role="device", doorbell=a, spin_us=0)
+    drv = MsgFifo(region, role="driver", doorbell=b, spin_us=0)
+    start_pair(dev, drv)
+    rounds = 2000
+    done = []
+
+    def sender():
+        for i in range(rounds):
+            while not drv.try_send(make_msg(i)):
+                pass
+        done.append(True)
+
+    t = threading.Thread(target=sender)
+    t.start()
+    buf = bytearray(64)
+    for i in range(rounds):
+        assert dev.recv(buf, timeout=5) == 64   # a lost wake-up would time out
+        assert struct.unpack_from("<Q", buf, 8)[0] == i
+    t.join()
+    assert done
+
+
+def test_polling_doorbell_blocking_recv():
+    region = Region.memfd(16384)
+    dev = MsgFifo(region, role="device", doorbell=PollingDoorbell(), spin_us=10)
+    drv = MsgFifo(region, role="driver")
+    start_pair(dev, drv)
+    threading.Timer(0.03, lambda: drv.try_send(make_msg(3))).start()
+    assert dev.recv_bytes(timeout=5) == make_msg(3)
+    with pytest.raises(TimeoutError):
+        dev.recv_bytes(timeout=0.01)
+
+
+@pytest.mark.parametrize("layout", ["b", "a"])
+def test_blocking_recv_is_interruptible(layout):
+    region = Region.memfd(16384)
+    a, b = EventfdDoorbell.pair()
+    dev = MsgFifo(region, role="device", layout=layout, doorbell=a)
+    drv = MsgFifo(region, role="driver", layout=layout, doorbell=b)
+    start_pair(dev, drv)
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGUSR1, handler)
+    try:
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+        with pytest.raises(Interrupted):
+            dev.recv(bytearray(64), timeout=30)
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+# ---- Gen B layout and handshake ------------------------------------------------
+
+def test_default_layout_matches_reference():
+    lay = default_layout(8192)
+    assert lay["num_queue_elements"] == 63
+    assert lay["dev_queue_elements_offset"] == 80
+    assert lay["drv_queue_elements_offset"] == 4112
+    assert lay["dev_queue_head_offset"] == 64 and lay["drv_queue_head_offset"] == 72
+
+
+def test_layout_bytes_as_written_by_device():
+    region = Region.memfd(8192)
+    dev, drv = MsgFifo(region, role="device"), MsgFifo(region, role="driver")
+    start_pair(dev, drv)
+    raw = region.read(0, 16)
+    assert raw[:2] == b"\x4f\x4c" and raw[2:8] == bytes([64, 0, 1, 0, 0, 0])
+    assert region.read(64, 2) == b"\x4f\x51" and region.read(72, 2) == b"\x4f\x51"
+    assert region.load16(66) & 0x1F == 2 and region.load16(74) & 0x1F == 2  # RUN, RUN
+
+
+def _good_layout():
+    lay = default_layout(8192)
+    lay.update(magic=0x4C4F, length=64, version=1, features=0, num_notif=0,
+               num_vq_notif_per_device=0, reserved=0, dev_notif_offset=0, drv_notif_offset=0)
+    return lay
+
+
+@pytest.mark.parametrize("field,value", [
+    ("magic", 0x1234), ("length", 32), ("version", 2), ("features", 0x8),
+    ("reserved", 1), ("num_notif", 65), ("num_queue_elements", 1),
+    ("size_queue_elements", 0), ("dev_queue_head_offset", 0),
+    ("dev_queue_head_offset", 65), ("drv_queue_elements_offset", 8000),
+    ("drv_queue_head_offset", 100), ("dev_queue_elements_offset", 8100),
+    ("drv_notif_offset", 8),
+])
+def test_layout_validation_names_the_field(field, value):
+    lay = _good_layout()
+    lay[field] = value
+    with pytest.raises(LayoutError) as ei:
+        validate_layout(lay, 8192)
+    assert ei.value.field == field
+
+
+def test_num_notif_checks_vq_notif_per_device():
+    lay = _good_layout()
+    lay.update(num_notif=1, num_vq_notif_per_device=3, dev_notif_offset=8144, drv_notif_offset=8160)
+    with pytest.raises(LayoutError) as ei:
+        validate_layout(lay, 8192)
+    assert ei.value.field == "num_vq_notif_per_device"
+
+
+def test_driver_rejects_corrupt_layout_from_device():
+    region = Region.memfd(8192)
+    peer = PyFifoPeer(region.view(), role="device")
+    peer.write_layout()
+    region.store64(56, 1 << 40)  # drv_queue_elements_offset far outside
+    drv = MsgFifo(region, role="driver")
+    with pytest.raises(LayoutError, match="drv_queue_elements_offset"):
+        drv.start(timeout=1)
+    peer.release()
+
+
+def test_handshake_timeouts_are_clear():
+    region = Region.memfd(8192)
+    drv = MsgFifo(region, role="driver")
+    with pytest.raises(HandshakeTimeout, match="is the device side running"):
+        drv.start(timeout=0.05)
+    dev = MsgFifo(region, role="device")
+    with pytest.raises(HandshakeTimeout, match="never came up"):
+        dev.start(timeout=0.05)
+    assert dev.my_state() == "INIT"
+
+
+def test_interop_with_python_reference_peer():
+    """The Cython device and the pure-Python driver agree on every byte."""
+    region = Region.memfd(8192)
+    dev = MsgFifo(region, role="device")
+    peer = PyFifoPeer(region.view(), role="driver")
+    t = threading.Thread(target=peer.handshake)
+    t.start()
+    dev.start(5)
+    t.join()
+    buf = bytearray(64)
+    for i in range(300):  # several wraps of the 63-slot ring
+        assert peer.send(make_msg(i, 8 + i % 57))
+        assert dev.try_recv(buf) == 8 + i % 57 and bytes(buf[:8 + i % 57]) == make_msg(i, 8 + i % 57)
+        assert dev.try_send(make_msg(i))
+        assert peer.recv() == make_msg(i)
+    peer.release()
+
+
+# ---- hostile peer ------------------------------------------------------------
+
+def _dev_with_peer(layout="b"):
+    region = Region.memfd(16384)
+    dev = MsgFifo(region, role="device", layout=layout)
+    peer = PyFifoPeer(region.view(), role="driver", layout=layout)
+    if layout == "b":
+        t = threading.Thread(target=peer.handshake)
+        t.start()
+        dev.start(5)
+        t.join()
+    else:
+        dev.start()
+    return dev, peer
+
+
+@pytest.mark.parametrize("layout,bad", [("b", 63), ("b", 64), ("b", 0xFFFF), ("a", 62), ("a", 1000),
+                                        ("a", 0xFFFFFFFF)])
+def test_peer_producer_index_out_of_range(layout, bad):
+    dev, peer = _dev_with_peer(layout)
+    peer.poke_prod(bad)
+    with pytest.raises(FifoBrokenError, match="producer index"):
+        dev.try_recv(bytearray(64))
+    with pytest.raises(FifoBrokenError):  # stays broken
+        dev.try_send(make_msg(0))
+    assert dev.state == "broken"
+
+
+@pytest.mark.parametrize("layout", ["b", "a"])
+def test_peer_consumer_index_jumping_is_detected(layout):
+    dev, peer = _dev_with_peer(layout)
+    for i in range(3):
+        assert dev.try_send(make_msg(i))
+    assert dev.free_slots() == dev.num_slots - 4
+    peer.poke_cons(10)  # claims to have consumed messages we never sent
+    with pytest.raises(FifoBrokenError, match="jumped"):
+        dev.free_slots()
+    with pytest.raises(FifoBrokenError):
+        dev.try_send(make_msg(0))
+
+
+@pytest.mark.parametrize("layout", ["b", "a"])
+@pytest.mark.parametrize("bad_size", [0, 5, 65, 0xFFFF])
+def test_bad_msg_size_is_dropped_and_nothing_else_lost(layout, bad_size):
+    dev, peer = _dev_with_peer(layout)
+    assert peer.send(make_msg(1))
+    assert peer.send(make_msg(2))
+    assert peer.send(make_msg(3))
+    peer.poke_slot_size(1, bad_size)
+    buf = bytearray(64 * 8)
+    assert dev.try_recv(buf) == 64
+    with pytest.raises(BadMessageSize):
+        dev.try_recv(buf)
+    assert dev.try_recv(buf) == 64 and struct.unpack_from("<Q", buf, 8)[0] == 3
+    # in a burst: the good ones come out first, the bad one is reported next call
+    for i in range(3):
+        peer.send(make_msg(10 + i))
+    peer.poke_slot_size((3 + 1) % dev.num_slots, bad_size)
+    assert dev.recv_burst(buf) == 1
+    with pytest.raises(BadMessageSize):
+        dev.recv_burst(buf)
+    assert dev.recv_burst(buf) == 1
+    assert dev.dropped == 2
+
+
+def test_peer_silent_restart_is_reported_not_mixed():
+    dev, peer = _dev_with_peer("b")
+    assert peer.send(make_msg(1))
+    assert dev.try_recv(bytearray(64)) == 64
+    # The peer restarts: INIT with zeroed indices, then READY again.
+    peer.set_state(0)
+    peer.poke_prod(0)
+    peer.poke_cons(0)
+    with pytest.raises(PeerRestarted) as ei:
+        dev.try_recv(bytearray(64))
+    assert ei.value.event == "restart"
+    assert dev.my_state() == "INIT" and dev.state == "stopped"
+    with pytest.raises(RuntimeError, match="start"):
+        dev.try_send(make_msg(0))
+    # Both sides come back; old traffic is gone, new traffic flows.
+    t = threading.Thread(target=peer.handshake)
+    t.start()
+    dev.start(5)
+    t.join()
+    assert dev.try_recv(bytearray(64)) == 0
+    assert peer.send(make_msg(9)) and dev.recv_bytes(timeout=1) == make_msg(9)
+
+
+@pytest.mark.parametrize("state,cls,event", [(3, PeerShutdown, "shutdown"), (4, PeerShutdown, "dead"),
+                                             (17, FifoBrokenError, None)])
+def test_peer_shutdown_and_garbage_state(state, cls, event):
+    dev, peer = _dev_with_peer("b")
+    peer.set_state(state)
+    with pytest.raises(cls) as ei:
+        dev.try_recv(bytearray(64))
+    if event:
+        assert ei.value.event == event
+
+
+def test_blocked_receiver_notices_peer_shutdown():
+    """A waiter never hangs on a peer that went away without ringing."""
+    dev, peer = _dev_with_peer("b")
+    threading.Timer(0.05, peer.set_state, (3,)).start()
+    with pytest.raises(PeerShutdown):
+        dev.recv(bytearray(64), timeout=10)
+
+
+def test_close_shuts_down_and_releases_region():
+    region = Region.memfd(16384)
+    dev = MsgFifo(region, role="device")
+    drv = MsgFifo(region, role="driver")
+    start_pair(dev, drv)
+    region.close()
+    assert region.mapped  # pinned by the FIFOs
+    assert dev.try_send(make_msg(1)) and drv.try_recv(bytearray(64)) == 64
+    drv.close()
+    with pytest.raises(PeerShutdown):
+        dev.try_recv(bytearray(64))
+    dev.close()
+    assert not region.mapped
+    dev.close()  # idempotent
+
+
+def test_not_started_and_bad_arguments():
+    region = Region.memfd(16384)
+    f = MsgFifo(region, role="device")
+    with pytest.raises(RuntimeError, match="start"):
+        f.try_send(make_msg(0))
+    with pytest.raises(ValueError):
+        MsgFifo(region, role="both")
+    with pytest.raises(ValueError):
+        MsgFifo(region, layout="c")
+    with pytest.raises(IndexError):
+        MsgFifo(region, offset=12000)
+    small = Region.memfd(4096)
+    with pytest.raises(ValueError, match="placement"):
+        MsgFifo(small, layout="a", placement="4k/8k", window=4096)
+
+
+def test_gen_a_placements_and_g1_header():
+    region = Region.memfd(16384)
+    dev = MsgFifo(region, role="device", layout="a", placement="4k/8k", header="g1")
+    drv = MsgFifo(region, role="driver", layout="a", placement="4k/8k", header="g1")
+    dev.start(reset=True)
+    drv.start()
+    m = make_msg(5, 44, header="g1")
+    assert drv.try_send(m)
+    # driver->device block sits at +4 KiB: head index there is now 1
+    assert region.load32(4096) == 1 and region.load32(8192) == 0
+    assert dev.recv_bytes(timeout=1) == m
+    assert read_layout(region)["magic"] == 0  # Gen A writes no descriptor
