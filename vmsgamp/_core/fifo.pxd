@@ -50,6 +50,8 @@ cdef class MsgFifo:
     cdef int _refresh_cons(self) except -1 nogil
     cdef int _send_raw(self, const char *buf, size_t n) except -1 nogil
     cdef int _publish_tx(self) except -1 nogil
+    cdef size_t _send_bulk(self, const char *p, size_t k) except? 0xFFFFFFFF nogil
+    cdef size_t _recv_bulk(self, char *out, size_t k) except? 0xFFFFFFFF nogil
     cdef int _publish_rx(self) noexcept nogil
     cdef int _check_msg(self, const char *p, size_t n) except -1
     cdef int _last_bad_size(self)
