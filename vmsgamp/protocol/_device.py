@@ -1,0 +1,83 @@
+"""Device-side virtio-msg state machine (no I/O).
+
+Turns driver messages into typed events (RequestReceived for transport
+requests and GET_DEVICES, NotificationReceived for EVENT_AVAIL), answers PING
+by itself, and builds responses that echo the request's token and dev_num.
+Malformed or misdirected input is dropped and counted: the spec has no error
+message and events never get a reply (reference 1.9).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from ._constants import DeviceBusState
+from ._endpoint import BUS, Connection
+from ._messages import (EventAvail, EventConfig, EventDevice, EventUsed, GetDevicesRequest,
+                        GetDevicesResponse, Message, PingRequest, PingResponse)
+
+__all__ = ["DeviceConnection"]
+
+
+class DeviceConnection(Connection):
+    """The device end of one bus (all device numbers behind it)."""
+
+    ROLE = "device"
+
+    def _may_send(self, msg: Message) -> bool:
+        if msg.IS_BUS:
+            return True  # GET_DEVICES/PING responses, EVENT_DEVICE, own PING
+        return msg.IS_RESPONSE or (msg.is_event() and not isinstance(msg, EventAvail))
+
+    def _may_receive(self, msg: Message) -> bool:
+        if msg.IS_BUS:
+            # GET_DEVICES and PING requests, and the answer to our own PING.
+            return isinstance(msg, (GetDevicesRequest, PingRequest, PingResponse))
+        return msg.is_request() or isinstance(msg, EventAvail)
+
+    # -- answering ---------------------------------------------------------------
+    def respond(self, request: Message, response: Message) -> list[bytes]:
+        """Answer ``request`` (as delivered in RequestReceived); token and
+        dev_num are copied from it.  Raises LocalProtocolError if it is not an
+        unanswered request or the response is of another kind."""
+        self._answer(request, response)
+        return self.data_to_send()
+
+    def ignore(self, request: Message) -> None:
+        """Deliberately leave ``request`` unanswered (QEMU does so for GET_SHM
+        and bad SET_VQUEUE: the driver times out)."""
+        queue = self._incoming.get(BUS if request.IS_BUS else request.dev_num)
+        if queue is not None:
+            for i, r in enumerate(queue):
+                if r is request:
+                    del queue[i]
+                    return
+
+    # -- events the device sends -------------------------------------------------
+    def notify_used(self, dev_num: int, vq_index: int, now: float) -> list[bytes]:
+        return self.send(EventUsed(dev_num=dev_num, vq_index=vq_index), now)
+
+    def config_changed(self, dev_num: int, device_status: int, generation: int, now: float, *,
+                       offset: int = 0, data: bytes = b"") -> list[bytes]:
+        """EVENT_CONFIG; QEMU sends offset 0, length 0 and lets the driver re-read."""
+        return self.send(EventConfig(dev_num=dev_num, device_status=device_status, generation=generation,
+                                     offset=offset, data=data), now)
+
+    def device_event(self, device_number: int, state: int, now: float) -> list[bytes]:
+        """EVENT_DEVICE (hot-plug READY / unplug REMOVED)."""
+        return self.send(EventDevice(device_number=device_number, device_bus_state=state), now)
+
+    def device_ready(self, device_number: int, now: float) -> list[bytes]:
+        return self.device_event(device_number, DeviceBusState.READY, now)
+
+    def device_removed(self, device_number: int, now: float) -> list[bytes]:
+        return self.device_event(device_number, DeviceBusState.REMOVED, now)
+
+    def answer_get_devices(self, request: GetDevicesRequest, devices: Iterable[int], *,
+                           next_offset: int | None = None) -> list[bytes]:
+        """Answer a GET_DEVICES window with exactly the count asked (Linux
+        fails otherwise); ``next_offset`` defaults to offset+count as QEMU does."""
+        return self.respond(request, GetDevicesResponse.from_devices(
+            devices, offset=request.offset, count=request.count, next_offset=next_offset))
+
+    def ping(self, data: int, now: float, *, timeout: float | None = None) -> list[bytes]:
+        return self.send(PingRequest(data=data), now, timeout=timeout)

@@ -1,0 +1,313 @@
+"""Machinery shared by the driver and device connections: outbox, own-request
+tracking (one in flight per device plus one for the bus, the rest queued),
+response matching, timeouts and the answer-bookkeeping for peer requests.
+
+No I/O and no clock: every call that cares about time takes ``now`` (seconds,
+any monotonic origin) and the caller asks ``next_deadline()`` when to call
+``handle_timeout()``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from dataclasses import dataclass, field
+from typing import ClassVar, Union
+
+from vmsgamp.errors import LocalProtocolError, RemoteProtocolError
+
+from ._codec import ProfileLike, decode, encode, get_profile
+from ._constants import DEFAULT_MAX_MSG_SIZE, SLOT_SIZE
+from ._events import (Counters, Event, NotificationReceived, PingReceived, RequestCancelled,
+                      RequestReceived, RequestTimedOut, ResponseReceived)
+from ._messages import Message, PingRequest, PingResponse
+
+# Own-request channel: a device number for transport requests, BUS for bus ones.
+BUS = "bus"
+ChannelKey = Union[int, str]
+
+DEFAULT_REQUEST_TIMEOUT = 5.0  # Linux waits 100 s; a co-processor link that is silent for 5 s is dead
+
+
+class _Operation:
+    """A multi-message driver operation (chunked config read, feature blocks).
+
+    The connection sends ``first()``; each response goes to ``on_response``,
+    which returns the next request (sent ahead of anything queued behind it on
+    the same channel) and/or the events to report."""
+
+    name: str = "operation"
+    dev_num: int = 0
+
+    def first(self) -> Message:
+        raise NotImplementedError
+
+    def on_response(self, request: Message, response: Message) -> tuple[Message | None, list[Event]]:
+        raise NotImplementedError
+
+    def on_timeout(self, request: Message) -> list[Event]:
+        raise NotImplementedError
+
+    def on_cancel(self, request: Message) -> list[Event]:
+        return [RequestCancelled(request)]
+
+
+@dataclass
+class _Pending:
+    request: Message
+    timeout: float
+    op: _Operation | None = None
+    deadline: float = 0.0
+
+
+@dataclass
+class _Channel:
+    in_flight: _Pending | None = None
+    queue: deque[_Pending] = field(default_factory=deque)
+
+
+class Connection:
+    """Base of DriverConnection and DeviceConnection.
+
+    Bytes in: ``receive_bytes(one_message, now) -> list[Event]`` (one FIFO slot
+    per call; bytes past msg_size are ignored).  Bytes out: everything to
+    transmit collects in an outbox, in order; ``send()`` returns it drained and
+    ``data_to_send()`` drains what receive/timeout handling added (auto PING
+    replies, queued requests released by a response or a timeout).
+    """
+
+    ROLE: ClassVar[str] = "?"
+
+    def __init__(self, *, profile: ProfileLike = "g2", max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
+                 max_rx_size: int = SLOT_SIZE, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+                 pad_to: int | None = None, strict_tokens: bool = False) -> None:
+        """
+        profile: "g2" (8-byte header with token) or "g1" (6-byte header).
+        max_msg_size: largest message we send (48 towards QEMU-style peers).
+        max_rx_size: largest msg_size we accept (the slot size).
+        pad_to: zero-pad every outgoing message to this many bytes (slot padding).
+        strict_tokens: drop transport responses whose token differs from the
+            request's instead of accepting them as Linux does (bus responses with
+            token 0 are always accepted: QEMU sends them so).
+        """
+        self.profile = get_profile(profile)
+        if max_msg_size < self.profile.header_size + 4:
+            raise LocalProtocolError(f"max_msg_size {max_msg_size} is too small for any message")
+        if pad_to is not None and pad_to < max_msg_size:
+            raise LocalProtocolError(f"pad_to {pad_to} is smaller than max_msg_size {max_msg_size}")
+        self.max_msg_size = max_msg_size
+        self.max_rx_size = max_rx_size
+        self.request_timeout = request_timeout
+        self.pad_to = pad_to
+        self.strict_tokens = strict_tokens
+        self.counters = Counters()
+        self._outbox: list[bytes] = []
+        self._channels: dict[ChannelKey, _Channel] = {}
+        self._incoming: dict[ChannelKey, deque[Message]] = {}
+        self._last_token = 0
+
+    # -- role rules (overridden) ----------------------------------------------
+    def _may_send(self, msg: Message) -> bool:
+        raise NotImplementedError
+
+    def _may_receive(self, msg: Message) -> bool:
+        raise NotImplementedError
+
+    # -- public API -------------------------------------------------------------
+    def send(self, msg: Message, now: float, *, timeout: float | None = None) -> list[bytes]:
+        """Send a request, response or event; returns everything ready to go.
+
+        Requests get a fresh non-zero token unless they carry one, and wait in
+        a queue while their channel (device or bus) has one in flight.
+        A response is matched to the oldest unanswered peer request with the
+        same msg_id on its device (its ``dev_num``; bus responses: the bus) and
+        goes out with that request's token (``respond()`` names the request).  Events go out with token 0.
+        """
+        if not self._may_send(msg):
+            raise LocalProtocolError(f"a {self.ROLE} does not send {_label(msg)}")
+        if msg.IS_RESPONSE:
+            self._answer(None, msg)
+        elif msg.is_event():
+            self._emit(dataclasses.replace(msg, token=0))
+        else:
+            self._submit(msg, now, timeout, None)
+        return self.data_to_send()
+
+    def data_to_send(self) -> list[bytes]:
+        out, self._outbox = self._outbox, []
+        return out
+
+    def receive_bytes(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]:
+        """Process one received message.  Malformed, misdirected and
+        unsolicited messages are counted and dropped; never raises a remote
+        error."""
+        self.counters.rx_messages += 1
+        try:
+            msg = decode(data, profile=self.profile, max_size=self.max_rx_size)
+        except RemoteProtocolError as e:
+            self.counters.rx_malformed += 1
+            self.counters.last_error = str(e)
+            return []
+        return self.receive_message(msg, now)
+
+    def receive_message(self, msg: Message, now: float) -> list[Event]:
+        """Same as receive_bytes for an already decoded message."""
+        if not self._may_receive(msg):
+            self.counters.rx_unexpected += 1
+            self.counters.last_error = f"unexpected {_label(msg)} for a {self.ROLE}"
+            return []
+        if msg.IS_RESPONSE:
+            return self._on_response(msg, now)
+        if msg.is_event():
+            return self._on_event(msg)
+        if isinstance(msg, PingRequest):
+            # Both sides answer PING (Linux does); echo token, dev_num 0.
+            self._emit(PingResponse(data=msg.data, token=msg.token, dev_num=msg.dev_num))
+            self.counters.pings_answered += 1
+            return [PingReceived(msg)]
+        self._incoming.setdefault(_channel_key(msg), deque()).append(msg)
+        return [RequestReceived(msg)]
+
+    def next_deadline(self) -> float | None:
+        """Earliest time handle_timeout() has work to do, or None."""
+        deadlines = [ch.in_flight.deadline for ch in self._channels.values() if ch.in_flight]
+        return min(deadlines) if deadlines else None
+
+    def handle_timeout(self, now: float) -> list[Event]:
+        events: list[Event] = []
+        for key, ch in list(self._channels.items()):
+            pend = ch.in_flight
+            if pend is None or pend.deadline > now:
+                continue
+            self.counters.timeouts += 1
+            ch.in_flight = None
+            events.extend(pend.op.on_timeout(pend.request) if pend.op else [RequestTimedOut(pend.request)])
+            self._start_next(key, now)
+        return events
+
+    def pending_requests(self) -> int:
+        """Own requests in flight or queued."""
+        return sum((ch.in_flight is not None) + len(ch.queue) for ch in self._channels.values())
+
+    def unanswered_requests(self) -> list[Message]:
+        """Peer requests we have not answered yet, oldest first per channel."""
+        return [m for q in self._incoming.values() for m in q]
+
+    def reset(self) -> list[Event]:
+        """Forget the session (peer restarted or shut down): every own request
+        is cancelled, unanswered peer requests are forgotten, the outbox is
+        emptied, so nothing from the old session reaches the new one."""
+        events: list[Event] = []
+        for ch in self._channels.values():
+            for pend in ([ch.in_flight] if ch.in_flight else []) + list(ch.queue):
+                events.extend(pend.op.on_cancel(pend.request) if pend.op else [RequestCancelled(pend.request)])
+        self._channels.clear()
+        self._incoming.clear()
+        self._outbox.clear()
+        return events
+
+    # -- internals ---------------------------------------------------------------
+    def _encode(self, msg: Message) -> bytes:
+        return encode(msg, profile=self.profile, max_size=self.max_msg_size, pad_to=self.pad_to)
+
+    def _emit(self, msg: Message) -> None:
+        self._outbox.append(self._encode(msg))
+        self.counters.tx_messages += 1
+
+    def _new_token(self) -> int:
+        # Non-zero and distinct from recent ones; with one request in flight per
+        # channel that is unique among in-flight (dev_num, token).
+        self._last_token = self._last_token % 0xFFFF + 1
+        return self._last_token
+
+    def _submit(self, msg: Message, now: float, timeout: float | None, op: _Operation | None,
+                *, front: bool = False) -> None:
+        if self.profile.has_token and msg.token == 0:
+            msg = dataclasses.replace(msg, token=self._new_token())
+        elif not self.profile.has_token and msg.token:
+            msg = dataclasses.replace(msg, token=0)  # g1 has no token on the wire
+        self._encode(msg)  # raise LocalProtocolError now, not when dequeued
+        pend = _Pending(msg, self.request_timeout if timeout is None else timeout, op)
+        key = _channel_key(msg)
+        ch = self._channels.setdefault(key, _Channel())
+        if front:
+            ch.queue.appendleft(pend)
+        else:
+            ch.queue.append(pend)
+        if ch.in_flight is None:
+            self._start_next(key, now)
+
+    def _start_next(self, key: ChannelKey, now: float) -> None:
+        ch = self._channels.get(key)
+        if ch is None or ch.in_flight is not None or not ch.queue:
+            return
+        pend = ch.queue.popleft()
+        pend.deadline = now + pend.timeout
+        ch.in_flight = pend
+        self._emit(pend.request)
+
+    def _on_response(self, msg: Message, now: float) -> list[Event]:
+        key = _channel_key(msg)
+        ch = self._channels.get(key)
+        pend = ch.in_flight if ch else None
+        req = pend.request if pend else None
+        if req is None or req.MSG_ID != msg.MSG_ID or req.IS_BUS != msg.IS_BUS:
+            self.counters.rx_unsolicited += 1
+            self.counters.last_error = f"unsolicited {_label(msg)} dev {msg.dev_num} token {msg.token}"
+            return []
+        if self.profile.has_token and msg.token != req.token and not (msg.IS_BUS and msg.token == 0):
+            self.counters.token_mismatches += 1
+            self.counters.last_error = f"{_label(msg)} token {msg.token}, request had {req.token}"
+            if self.strict_tokens:
+                return []
+        assert ch is not None and pend is not None
+        ch.in_flight = None
+        events = self._on_matched(pend, msg, now)
+        self._start_next(key, now)
+        return events
+
+    def _on_matched(self, pend: _Pending, response: Message, now: float) -> list[Event]:
+        if pend.op is None:
+            return [ResponseReceived(pend.request, response)]
+        follow_up, events = pend.op.on_response(pend.request, response)
+        if follow_up is not None:
+            # Ahead of the queue so an operation's chunks stay together.
+            self._submit(follow_up, now, pend.timeout, pend.op, front=True)
+        return events
+
+    def _on_event(self, msg: Message) -> list[Event]:
+        return [NotificationReceived(msg)]
+
+    def _answer(self, request: Message | None, response: Message) -> None:
+        key = _channel_key(response) if request is None else _channel_key(request)
+        queue = self._incoming.get(key)
+        if request is None:
+            request = next((r for r in queue or () if r.MSG_ID == response.MSG_ID), None)
+            if request is None:
+                raise LocalProtocolError(f"no unanswered {response.NAME} request on {_where(key)}")
+        elif queue is None or not any(r is request for r in queue):
+            raise LocalProtocolError(f"{_label(request)} is not an unanswered request")
+        if response.IS_BUS != request.IS_BUS or response.MSG_ID != request.MSG_ID or not response.IS_RESPONSE:
+            raise LocalProtocolError(f"{_label(response)} does not answer {_label(request)}")
+        # Echo token and dev_num (reference 1.8, 3.2).
+        self._emit(dataclasses.replace(response, token=request.token, dev_num=request.dev_num))
+        assert queue is not None
+        for i, r in enumerate(queue):
+            if r is request:
+                del queue[i]
+                break
+        if not queue:
+            del self._incoming[key]
+
+
+def _channel_key(msg: Message) -> ChannelKey:
+    return BUS if msg.IS_BUS else msg.dev_num
+
+
+def _label(msg: Message) -> str:
+    kind = "bus" if msg.IS_BUS else "transport"
+    what = "response" if msg.IS_RESPONSE else ("event" if msg.is_event() else "request")
+    return f"{kind} {msg.NAME} {what}"
+
+
+def _where(key: ChannelKey) -> str:
+    return "the bus" if key == BUS else f"device {key}"
