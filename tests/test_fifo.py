@@ -388,3 +388,16 @@ def test_gen_a_placements_and_g1_header():
     assert region.load32(4096) == 1 and region.load32(8192) == 0
     assert dev.recv_bytes(timeout=1) == m
     assert read_layout(region)["magic"] == 0  # Gen A writes no descriptor
+
+
+def test_arm_wait_makes_the_sender_ring(fifo_pair):
+    dev, drv, _ = fifo_pair
+    assert dev.arm_wait() is False          # empty: we may sleep
+    assert drv.try_send(make_msg(1))
+    assert drv.rings == 1                   # the sender saw WAITING and rang
+    assert dev.doorbell.wait(1)
+    dev.disarm_wait()
+    assert drv.try_send(make_msg(2))
+    assert drv.rings == 1                   # not waiting any more: no ring
+    assert dev.arm_wait() is True           # already readable: do not sleep
+    assert len(dev.recv_many()) == 2

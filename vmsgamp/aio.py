@@ -43,9 +43,12 @@ async def recv(fifo: MsgFifo, into: bytearray, timeout: float | None = None) -> 
         if left is not None and left <= 0:
             raise TimeoutError(f"no message within {timeout} s")
         if fifo.doorbell.can_wait:
-            # A short blocking check advertises WAITING so the sender rings.
-            if fifo.wait_readable(0):
+            # Advertise that we sleep, so the sender rings (no lost wake-up).
+            if fifo.arm_wait():
                 continue
-            await wait_doorbell(fifo.doorbell, 0.1 if left is None else min(left, 0.1))
+            try:
+                await wait_doorbell(fifo.doorbell, 0.1 if left is None else min(left, 0.1))
+            finally:
+                fifo.disarm_wait()
         else:
             await asyncio.sleep(0.001)

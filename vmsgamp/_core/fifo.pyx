@@ -954,6 +954,26 @@ cdef class MsgFifo:
             ok = self._wait_readable(t)
         return bool(ok)
 
+    def arm_wait(self):
+        """For event loops that wait on ``doorbell.fileno()`` themselves:
+        advertise that we are about to sleep, so the sender rings.  Returns
+        True when a message is already ready (then do not sleep).  Call
+        ``disarm_wait()`` after waking."""
+        self._check_running()
+        self._set_waiting(True)
+        vm_fence_seq_cst()  # F2, as in _wait_readable
+        with nogil:
+            self._refresh_prod()
+        if self.rx_idx != self.peer_prod_cache:
+            self._set_waiting(False)
+            return True
+        self.sleeps += 1
+        return False
+
+    def disarm_wait(self):
+        if self.fstate == FSTATE_RUNNING:
+            self._set_waiting(False)
+
     def kick(self):
         """Ring the peer unconditionally."""
         self.doorbell.c_ring()
