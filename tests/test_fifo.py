@@ -401,3 +401,21 @@ def test_arm_wait_makes_the_sender_ring(fifo_pair):
     assert drv.rings == 1                   # not waiting any more: no ring
     assert dev.arm_wait() is True           # already readable: do not sleep
     assert len(dev.recv_many()) == 2
+
+
+def test_messages_sent_before_shutdown_are_delivered_first():
+    dev, peer = _dev_with_peer("b")
+    assert peer.send(make_msg(1)) and peer.send(make_msg(2))
+    peer.set_state(3)  # SHUTDOWN right after its last messages
+    assert dev.recv_bytes(timeout=1) == make_msg(1)
+    assert dev.recv_bytes(timeout=1) == make_msg(2)
+    with pytest.raises(PeerShutdown):
+        dev.recv_bytes(timeout=1)
+
+
+def test_restart_drops_stale_messages():
+    dev, peer = _dev_with_peer("b")
+    assert peer.send(make_msg(1))
+    peer.set_state(0)  # silent restart: what is left is the old session's
+    with pytest.raises(PeerRestarted):
+        dev.try_recv(bytearray(64))

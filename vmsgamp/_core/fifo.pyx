@@ -357,6 +357,14 @@ cdef class MsgFifo:
             if (st & VMAMP_STATE_MASK) != VMAMP_STATE_RUN:
                 if (st & VMAMP_STATE_MASK) == VMAMP_STATE_READY and not self.peer_seen_run:
                     return 0  # peer finishing its handshake: nothing to read yet
+                if (st & VMAMP_STATE_MASK) in (VMAMP_STATE_SHUTDOWN, VMAMP_STATE_PEER_DEAD):
+                    # A peer that shuts down keeps its indices: deliver what it
+                    # published before leaving (Linux's last SET_DEVICE_STATUS 0
+                    # comes right before SHUTDOWN), report once drained.
+                    p = vm_load16(self.peer_qh + VMAMP_QH_OFF_TAIL, VM_ACQUIRE)  # A1 <- peer R1
+                    if p < self.num_slots and p != self.rx_idx:
+                        self.peer_prod_cache = p
+                        return 0
                 with gil:
                     self._peer_event(st)
             self.peer_seen_run = True
