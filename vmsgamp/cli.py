@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "vmsgamp._cmd.bench",
     "vmsgamp._cmd.decode",
     "vmsgamp._cmd.dump",
+    "vmsgamp._cmd.ivshmem_server",
 ]
 
 

@@ -1,0 +1,32 @@
+"""Where the shared memory and the doorbell come from, behind one URI grammar.
+
+``open_carrier(uri)`` returns a :class:`Carrier` (``region``, ``doorbell``,
+``offset``, ``own_id``/``peer_id``); ``open_region(uri)`` keeps only the
+region.  Built-in schemes: ``shm:NAME``, ``file:PATH`` (or a bare path),
+``fd:N`` / ``memfd:N`` and ``ivshmem:SOCKET``.  Later carriers add theirs
+with :func:`register_scheme`.
+"""
+from vmsgamp.carriers._registry import (
+    COMMON_OPTIONS,
+    Carrier,
+    open_carrier,
+    open_region,
+    parse_size,
+    parse_uri,
+    register_scheme,
+    schemes,
+    shm_path,
+)
+from vmsgamp.carriers import ivshmem as _ivshmem  # noqa: F401  (registers ivshmem:)
+from vmsgamp.carriers.ivshmem import (
+    IvshmemCarrier,
+    IvshmemClient,
+    IvshmemProtocolError,
+    IvshmemServer,
+)
+
+__all__ = [
+    "COMMON_OPTIONS", "Carrier", "IvshmemCarrier", "IvshmemClient", "IvshmemProtocolError",
+    "IvshmemServer", "open_carrier", "open_region", "parse_size", "parse_uri",
+    "register_scheme", "schemes", "shm_path",
+]
