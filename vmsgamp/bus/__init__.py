@@ -1,0 +1,7 @@
+"""The AMP bus: glue between the FIFOs and the protocol, and both transports."""
+from vmsgamp.bus._amp import AmpBus, BusError, PeerLost
+from vmsgamp.bus._device_side import DeviceServer, DeviceTransport
+from vmsgamp.bus._driver_side import AmpDriver, AsyncDriver, DeviceInfo, DriverDevice, DriverError
+
+__all__ = ["AmpBus", "AmpDriver", "AsyncDriver", "BusError", "DeviceInfo", "DeviceServer",
+           "DeviceTransport", "DriverDevice", "DriverError", "PeerLost"]

@@ -1,0 +1,162 @@
+"""AmpBus: the only glue between the FIFOs (vmsgamp._core) and the sans-I/O
+protocol (vmsgamp.protocol).
+
+It drains every ready message per wake-up into the protocol connection,
+sends what the connection produced, rings the doorbell only when the FIFO
+says the peer may be asleep, drives request timeouts, and turns a peer that
+left RUN into a ``PeerLost`` event (after resetting the connection, so no
+message of the old session reaches the new one).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vmsgamp._core.fifo import MsgFifo
+from vmsgamp.errors import BadMessageSize, FifoBrokenError, PeerStateError, VmsgampError
+from vmsgamp.protocol import Connection, Event, Message
+
+log = logging.getLogger("vmsgamp.bus")
+
+
+class BusError(VmsgampError):
+    """The bus cannot carry traffic (peer gone, FIFO full for too long)."""
+
+
+@dataclass(frozen=True)
+class PeerLost(Event):
+    """The peer restarted ('restart'), shut down ('shutdown') or died ('dead').
+    Own requests in flight were cancelled (RequestCancelled events precede
+    this one).  Call ``AmpBus.start()`` to run the handshake again."""
+
+    event: str
+    peer_state: str
+
+
+class AmpBus:
+    """One virtio-msg-amp bus: a started or startable MsgFifo plus a protocol
+    connection (DriverConnection or DeviceConnection)."""
+
+    def __init__(self, fifo: MsgFifo, conn: Connection, *, send_timeout: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.fifo = fifo
+        self.conn = conn
+        self.clock = clock
+        self.send_timeout = send_timeout
+        self.up = fifo.state == "running"
+        self.sessions = 1 if self.up else 0
+        self.peer_events: list[PeerLost] = []
+        self._rx = bytearray(fifo.slot_size)
+
+    # ---- lifecycle ---------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> None:
+        """Run the FIFO handshake (again after a PeerLost)."""
+        self.fifo.start(timeout)
+        self.up = True
+        self.sessions += 1
+
+    def close(self) -> None:
+        self.fifo.close()
+        self.up = False
+
+    def __enter__(self) -> AmpBus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def fileno(self) -> int:
+        return self.fifo.doorbell.fileno()
+
+    # ---- traffic -------------------------------------------------------------
+    def send(self, msg: Message, *, timeout: float | None = None) -> list[Event]:
+        """Hand ``msg`` to the connection (requests may queue behind one in
+        flight) and transmit what is ready.  Returns events caused by a peer
+        loss while sending (normally empty)."""
+        out = self.conn.send(msg, self.clock(), timeout=timeout)
+        return self.transmit(out)
+
+    def transmit(self, out: list[bytes]) -> list[Event]:
+        if not out:
+            return []
+        if not self.up:
+            raise BusError("bus is down: the peer is gone; start() it again")
+        try:
+            for data in out:
+                if not self.fifo.try_send(data):
+                    self.fifo.send(data, timeout=self.send_timeout)
+        except TimeoutError:
+            raise BusError(f"the peer has not consumed messages for {self.send_timeout} s") from None
+        except PeerStateError as e:
+            return self._lost(e)
+        return []
+
+    def poll(self, timeout: float | None = 0.0) -> list[Event]:
+        """Wait up to ``timeout`` seconds (None: until something happens) for
+        messages or a request deadline, then process everything ready."""
+        if not self.up:
+            raise BusError("bus is down: the peer is gone; start() it again")
+        events: list[Event] = []
+        try:
+            if self.fifo.pending() == 0 and timeout != 0:
+                wait = timeout
+                deadline = self.conn.next_deadline()
+                if deadline is not None:
+                    left = max(0.0, deadline - self.clock())
+                    wait = left if wait is None else min(wait, left)
+                self.fifo.wait_readable(wait)
+            events.extend(self._drain())
+        except PeerStateError as e:
+            events.extend(self._lost(e))
+            return events
+        events.extend(self.conn.handle_timeout(self.clock()))
+        events.extend(self.transmit(self.conn.data_to_send()))
+        return events
+
+    def _drain(self) -> list[Event]:
+        events: list[Event] = []
+        now = self.clock()
+        recv = self.fifo.try_recv
+        buf = self._rx
+        while True:
+            try:
+                n = recv(buf)
+            except BadMessageSize as e:
+                # Counted by the FIFO; the protocol never saw it.
+                self.conn.counters.rx_malformed += 1
+                self.conn.counters.last_error = str(e)
+                continue
+            if not n:
+                return events
+            events.extend(self.conn.receive_bytes(bytes(buf[:n]), now))
+
+    def _lost(self, e: PeerStateError) -> list[Event]:
+        log.info("peer %s (%s): session %d ends", e.event, e.peer_state, self.sessions)
+        self.up = False
+        events: list[Event] = list(self.conn.reset())
+        lost = PeerLost(e.event, e.peer_state)
+        self.peer_events.append(lost)
+        events.append(lost)
+        return events
+
+    # ---- introspection ----------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        c = self.conn.counters
+        return {
+            "up": self.up,
+            "sessions": self.sessions,
+            "fifo": self.fifo.stats(),
+            "rx_messages": c.rx_messages,
+            "rx_malformed": c.rx_malformed,
+            "rx_unexpected": c.rx_unexpected,
+            "rx_unsolicited": c.rx_unsolicited,
+            "tx_messages": c.tx_messages,
+            "timeouts": c.timeouts,
+            "last_error": c.last_error,
+        }
+
+
+__all__ = ["AmpBus", "BusError", "FifoBrokenError", "PeerLost"]
