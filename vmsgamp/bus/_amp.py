@@ -17,7 +17,9 @@ from typing import Any
 
 from vmsgamp._core.fifo import MsgFifo
 from vmsgamp.errors import BadMessageSize, FifoBrokenError, PeerStateError, VmsgampError
-from vmsgamp.protocol import Connection, Event, Message
+from vmsgamp.protocol import (
+    Connection, Event, Message, PingRequest, PingResponse, RequestTimedOut, ResponseReceived,
+)
 
 log = logging.getLogger("vmsgamp.bus")
 
@@ -50,6 +52,25 @@ class AmpBus:
         self.sessions = 1 if self.up else 0
         self.peer_events: list[PeerLost] = []
         self._rx = bytearray(fifo.slot_size)
+        # keepalive: PING every `interval` s; `misses` unanswered in a row = peer dead
+        self._ka_interval: float | None = None
+        self._ka_misses = 3
+        self._ka_missed = 0
+        self._ka_next = 0.0
+        self._ka_seq = 0xC0000000
+        self._ka_inflight: set[int] = set()
+        self.keepalive_rtts: list[float] = []
+        self._ka_sent: dict[int, float] = {}
+        self._ka_out: list[bytes] = []
+
+    def keepalive(self, interval: float | None, misses: int = 3) -> None:
+        """Ping the peer every ``interval`` seconds while polling; after
+        ``misses`` pings in a row go unanswered the peer is declared dead
+        (PeerLost('dead')).  None turns it off."""
+        self._ka_interval = interval
+        self._ka_misses = max(1, misses)
+        self._ka_missed = 0
+        self._ka_next = self.clock() + (interval or 0)
 
     # ---- lifecycle ---------------------------------------------------------
     def start(self, timeout: float = 10.0) -> None:
@@ -113,8 +134,49 @@ class AmpBus:
             events.extend(self._lost(e))
             return events
         events.extend(self.conn.handle_timeout(self.clock()))
-        events.extend(self.transmit(self.conn.data_to_send()))
+        out: list[bytes] = []
+        if self._ka_interval is not None:
+            events = self._keepalive(events)
+            if not self.up:
+                return events
+            out, self._ka_out = self._ka_out, []
+        events.extend(self.transmit(out + self.conn.data_to_send()))
         return events
+
+    def _keepalive(self, events: list[Event]) -> list[Event]:
+        """Consume our own keepalive pings' outcomes; send the next ping."""
+        kept: list[Event] = []
+        now = self.clock()
+        for ev in events:
+            req = getattr(ev, "request", None)
+            if isinstance(req, PingRequest) and req.data in self._ka_inflight:
+                self._ka_inflight.discard(req.data)
+                if isinstance(ev, ResponseReceived):
+                    self._ka_missed = 0
+                    self.keepalive_rtts.append(now - self._ka_sent.pop(req.data, now))
+                    del self.keepalive_rtts[:-1000]
+                elif isinstance(ev, RequestTimedOut):
+                    self._ka_sent.pop(req.data, None)
+                    self._ka_missed += 1
+                    if self._ka_missed >= self._ka_misses:
+                        log.warning("peer missed %d keepalive pings: declared dead", self._ka_missed)
+                        self.up = False
+                        kept.extend(self.conn.reset())
+                        lost = PeerLost("dead", f"no answer to {self._ka_missed} pings")
+                        self.peer_events.append(lost)
+                        kept.append(lost)
+                        self._ka_missed = 0
+                        return kept
+                continue
+            kept.append(ev)
+        if now >= self._ka_next and not self._ka_inflight:
+            self._ka_seq = 0xC0000000 | ((self._ka_seq + 1) & 0x3FFFFFFF)
+            self._ka_inflight.add(self._ka_seq)
+            self._ka_sent[self._ka_seq] = now
+            # send() hands back the encoded bytes (and empties the outbox)
+            self._ka_out = self.conn.send(PingRequest(data=self._ka_seq), now, timeout=self._ka_interval)
+            self._ka_next = now + self._ka_interval
+        return kept
 
     def _drain(self) -> list[Event]:
         events: list[Event] = []
@@ -136,6 +198,7 @@ class AmpBus:
     def _lost(self, e: PeerStateError) -> list[Event]:
         log.info("peer %s (%s): session %d ends", e.event, e.peer_state, self.sessions)
         self.up = False
+        self._ka_inflight.clear()
         events: list[Event] = list(self.conn.reset())
         lost = PeerLost(e.event, e.peer_state)
         self.peer_events.append(lost)

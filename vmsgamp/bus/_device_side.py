@@ -11,6 +11,7 @@ driver's queue head leaving RUN treated as a reset of every device.
 from __future__ import annotations
 
 import logging
+import select
 import selectors
 import threading
 import time
@@ -281,6 +282,7 @@ class DeviceServer:
         self.transports: dict[int, DeviceTransport] = {}
         self._outbox: list[Message] = []
         self._rescan: set[tuple[int, int]] = set()   # (dev_num, vq) with chains left over
+        self._fds: dict[int, Callable[[], None]] = {}  # host fds watched by the loop
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self.events: list[Any] = []      # PeerLost and hot-plug history, for reports
@@ -325,6 +327,14 @@ class DeviceServer:
     @property
     def devices(self) -> dict[int, VirtioDevice]:
         return {n: t.device for n, t in self.transports.items()}
+
+    def add_fd(self, fd: int, callback: Callable[[], None]) -> None:
+        """Watch a host fd in the serving loop (carrier notifications, control
+        pipes); ``callback()`` runs when it is readable."""
+        self._fds[fd] = callback
+
+    def remove_fd(self, fd: int) -> None:
+        self._fds.pop(fd, None)
 
     def _queue_event(self, msg: Message) -> None:
         self._outbox.append(msg)
@@ -387,6 +397,9 @@ class DeviceServer:
         """Serve one wake-up: bus traffic, device fds, timeouts."""
         with self._lock:
             if not self.bus.up:
+                for fd, cb in list(self._fds.items()):
+                    if select.select([fd], [], [], 0)[0]:
+                        cb()
                 try:
                     self.bus.start(self.handshake_timeout)
                     log.info("peer is back: session %d", self.bus.sessions)
@@ -397,7 +410,7 @@ class DeviceServer:
                     self._kick(dev_num, vq)
                 self._flush()
                 timeout = 0
-            fds = [fd for t in self.transports.values() for fd in t.device.poll_fds()]
+            fds = [fd for t in self.transports.values() for fd in t.device.poll_fds()] + list(self._fds)
             if fds and timeout != 0:
                 self._wait_with_fds(fds, timeout)
                 timeout = 0
@@ -420,6 +433,8 @@ class DeviceServer:
             for key, _ in sel.select(limit):
                 if key.data == "bell":
                     fifo.doorbell.drain()
+                elif key.fd in self._fds:
+                    self._fds[key.fd]()
                 else:
                     for t in self.transports.values():
                         if key.fd in t.device.poll_fds():

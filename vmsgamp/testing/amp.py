@@ -27,10 +27,12 @@ DRIVER_MEMORY_START = 16384   # driver rings and buffers live above the FIFOs
 
 
 def _serve(region: Region, doorbell, factory, layout: str, offer_packed: bool,
-           stop: threading.Event | None = None) -> None:
+           stop: threading.Event | None = None, server_hook=None) -> None:
     fifo = MsgFifo(region, role="device", layout=layout, doorbell=doorbell)
     bus = AmpBus(fifo, DeviceConnection())
     server = DeviceServer(bus, AddressSpace.identity(region), factory(), offer_packed=offer_packed)
+    if server_hook is not None:
+        server_hook(server)
     try:
         server.serve_forever(stop)
     finally:
@@ -41,7 +43,10 @@ def _serve(region: Region, doorbell, factory, layout: str, offer_packed: bool,
 @contextmanager
 def amp_pair(factory: Callable[[], Sequence[VirtioDevice] | dict[int, VirtioDevice]], *,
              layout: str = "b", region_size: int = 4 << 20, process: bool = True,
-             offer_packed: bool = True, timeout: float = 5.0) -> Iterator[AmpDriver]:
+             offer_packed: bool = True, timeout: float = 5.0,
+             server_hook: Callable[[DeviceServer], None] | None = None) -> Iterator[AmpDriver]:
+    """``server_hook(server)`` runs in the device process before it serves
+    (e.g. ``server.add_fd(pipe, callback)`` to let a test steer hot-plug)."""
     region = Region.memfd(region_size)
     dev_bell, drv_bell = EventfdDoorbell.pair()
     pid = 0
@@ -53,7 +58,7 @@ def amp_pair(factory: Callable[[], Sequence[VirtioDevice] | dict[int, VirtioDevi
             code = 0
             try:
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
-                _serve(region, dev_bell, factory, layout, offer_packed, stop)
+                _serve(region, dev_bell, factory, layout, offer_packed, stop, server_hook)
             except BaseException:
                 import traceback
 
@@ -62,7 +67,7 @@ def amp_pair(factory: Callable[[], Sequence[VirtioDevice] | dict[int, VirtioDevi
             finally:
                 os._exit(code)
     else:
-        thread = threading.Thread(target=_serve, args=(region, dev_bell, factory, layout, offer_packed, stop),
+        thread = threading.Thread(target=_serve, args=(region, dev_bell, factory, layout, offer_packed, stop, server_hook),
                                   daemon=True)
         thread.start()
     fifo = MsgFifo(region, role="driver", layout=layout, doorbell=drv_bell)
