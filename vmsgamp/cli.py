@@ -11,7 +11,12 @@ import argparse
 import importlib
 import sys
 
+from vmsgamp.errors import VmsgampError
+
 COMMAND_MODULES = [
+    "vmsgamp._cmd.serve",
+    "vmsgamp._cmd.devices",
+    "vmsgamp._cmd.emulate",
     "vmsgamp._cmd.bench",
     "vmsgamp._cmd.decode",
     "vmsgamp._cmd.dump",
@@ -59,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vmsgamp {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (OSError, ValueError, TimeoutError) as e:
+    except (OSError, ValueError, TimeoutError, VmsgampError) as e:
         print(f"vmsgamp {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -195,6 +195,10 @@ class AmpBus:
                 return events
             events.extend(self.conn.receive_bytes(bytes(buf[:n]), now))
 
+    def peer_lost(self, e: PeerStateError) -> list[Event]:
+        """Handle a PeerStateError raised by a direct FIFO call (e.g. arm_wait)."""
+        return self._lost(e)
+
     def _lost(self, e: PeerStateError) -> list[Event]:
         log.info("peer %s (%s): session %d ends", e.event, e.peer_state, self.sessions)
         self.up = False

@@ -22,6 +22,7 @@ from vmsgamp._core.addrspace import AddressSpace
 from vmsgamp._core.virtq import PackedQueue, QueueBrokenError, SplitQueue
 from vmsgamp.bus._amp import AmpBus, BusError, PeerLost
 from vmsgamp.devices._base import VirtioDevice
+from vmsgamp.errors import PeerStateError
 from vmsgamp.protocol import (
     NUM_FEATURE_BITS, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED,
     VIRTIO_F_VERSION_1, DeviceConnection, DeviceStatus, Event, EventAvail, EventConfig, EventUsed,
@@ -412,7 +413,11 @@ class DeviceServer:
                 timeout = 0
             fds = [fd for t in self.transports.values() for fd in t.device.poll_fds()] + list(self._fds)
             if fds and timeout != 0:
-                self._wait_with_fds(fds, timeout)
+                try:
+                    self._wait_with_fds(fds, timeout)
+                except PeerStateError as e:
+                    self.handle_events(self.bus.peer_lost(e))
+                    return
                 timeout = 0
             self.handle_events(self.bus.poll(timeout))
 

@@ -1,0 +1,68 @@
+"""``vmsgamp devices`` and ``vmsgamp ping``: the driver side's view of a bus."""
+from __future__ import annotations
+
+import argparse
+
+from vmsgamp._cmd._common import (
+    add_endpoint_args, driver_memory_start, emit, open_endpoint, start_driver_bus,
+)
+from vmsgamp._core.addrspace import RegionAllocator
+from vmsgamp.bus import AmpDriver
+
+FEATURE_NAMES = {28: "INDIRECT_DESC", 29: "EVENT_IDX", 32: "VERSION_1", 33: "ACCESS_PLATFORM",
+                 34: "RING_PACKED", 35: "IN_ORDER", 38: "NOTIFICATION_DATA", 40: "RING_RESET"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("devices", help="enumerate the devices on a bus (driver side)")
+    add_endpoint_args(p)
+    p.set_defaults(func=run_devices)
+    p = sub.add_parser("ping", help="bus PING round trips (driver side)")
+    add_endpoint_args(p)
+    p.add_argument("-n", "--count", type=int, default=10, help="number of pings (default 10)")
+    p.set_defaults(func=run_ping)
+
+
+def _driver(args: argparse.Namespace):
+    carrier, fifo = open_endpoint(args, "driver")
+    bus = start_driver_bus(args, carrier, fifo)
+    alloc = RegionAllocator(carrier.region, min(driver_memory_start(fifo), carrier.region.size))
+    return carrier, bus, AmpDriver(bus, alloc, timeout=args.timeout)
+
+
+def feature_names(bits: int) -> list[str]:
+    return [FEATURE_NAMES.get(b, f"bit{b}") for b in range(64) if bits >> b & 1]
+
+
+def run_devices(args: argparse.Namespace) -> int:
+    carrier, bus, drv = _driver(args)
+    try:
+        infos = [drv.info(n) for n in drv.enumerate()]
+    finally:
+        bus.close()
+        carrier.close()
+    rows = [i.as_dict() | {"feature_names": feature_names(i.features)} for i in infos]
+    lines = [f"{len(rows)} device(s) on {args.region}"]
+    if rows:
+        lines.append(f"{'num':>3}  {'id':>3}  {'name':8} {'vendor':>10}  {'cfg':>4}  queues(max)  features")
+        for r in rows:
+            lines.append(f"{r['dev_num']:>3}  {r['device_id']:>3}  {r['name']:8} {r['vendor_id']:#010x}  "
+                         f"{r['config_size']:>4}  {','.join(map(str, r['queue_max_sizes'])) or '-':11}  "
+                         f"{r['features']:#x} {' '.join(r['feature_names'])}")
+    emit(args, {"region": args.region, "devices": rows}, "\n".join(lines))
+    return 0
+
+
+def run_ping(args: argparse.Namespace) -> int:
+    if args.count < 1:
+        raise ValueError("--count must be at least 1")
+    carrier, bus, drv = _driver(args)
+    try:
+        stats = drv.ping(args.count)
+    finally:
+        bus.close()
+        carrier.close()
+    emit(args, {"region": args.region, **stats},
+         f"{stats['count']} pings to {args.region}: p50 {stats['p50_us']:.1f} us, "
+         f"p99 {stats['p99_us']:.1f} us, min {stats['min_us']:.1f} us, max {stats['max_us']:.1f} us")
+    return 0

@@ -1,0 +1,124 @@
+"""``vmsgamp serve``: the device side of a virtio-msg-amp bus."""
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+
+from vmsgamp._cmd._common import add_endpoint_args, emit, int_auto, open_endpoint
+from vmsgamp._core.addrspace import AddressSpace
+from vmsgamp._core.region import Region
+from vmsgamp.bus import AmpBus, DeviceServer
+from vmsgamp.cli import CliError
+from vmsgamp.devices._base import device_types, parse_device_list
+from vmsgamp.protocol import DeviceConnection
+
+log = logging.getLogger("vmsgamp.serve")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run device models on the device side of an AMP bus",
+                       description="Serve virtio device models over a virtio-msg-amp bus.")
+    add_endpoint_args(p)
+    p.add_argument("--devices", default="rng", metavar="LIST",
+                   help="comma-separated TYPE[:key=value[;key=value]] items, device numbers in "
+                        "order (e.g. rng:source=/dev/urandom,console:pty,i2c:sim,gpio:lines=8); "
+                        "types: " + ", ".join(device_types()))
+    p.add_argument("--memory", action="append", default=[], metavar="FILE[@BUS_ADDR]",
+                   help="map FILE (e.g. a QEMU guest's RAM, memory-backend-file share=on) at "
+                        "BUS_ADDR (default 0) for virtqueue addresses; repeatable; replaces the "
+                        "default (the shared region at bus address 0)")
+    p.add_argument("--region-at", type=int_auto, default=None, metavar="BUS_ADDR",
+                   help="with --memory: also map the shared region at this bus address")
+    p.add_argument("--no-packed", action="store_true", help="do not offer VIRTIO_F_RING_PACKED")
+    p.add_argument("--keepalive", type=float, default=None, metavar="S",
+                   help="ping the driver every S seconds; 3 misses = peer dead")
+    p.set_defaults(func=run)
+
+
+def _parse_memory(spec: str) -> tuple[str, int]:
+    path, at, addr = spec.rpartition("@") if "@" in spec else (spec, "", "0")
+    try:
+        return path, int(addr, 0)
+    except ValueError:
+        raise CliError(f"--memory {spec!r}: bus address {addr!r} is not an integer") from None
+
+
+def build_address_space(args: argparse.Namespace, shared: Region) -> tuple[AddressSpace, list[Region]]:
+    if not args.memory:
+        if args.region_at is not None:
+            return AddressSpace([(args.region_at, shared, 0, shared.size)]), []
+        return AddressSpace([(0, shared, 0, shared.size)]), []
+    aspace = AddressSpace()
+    opened: list[Region] = []
+    from vmsgamp.carriers import open_region
+
+    try:
+        for spec in args.memory:
+            path, bus = _parse_memory(spec)
+            r = open_region(path)
+            opened.append(r)
+            aspace.add_window(bus, r, 0, r.size)
+        if args.region_at is not None:
+            aspace.add_window(args.region_at, shared, 0, shared.size)
+    except (ValueError, OSError) as e:
+        for r in opened:
+            r.close()
+        raise CliError(f"--memory: {e}") from None
+    return aspace, opened
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        devices = parse_device_list(args.devices)
+    except (ValueError, TypeError, OSError) as e:
+        raise CliError(str(e)) from None
+    if not devices:
+        raise CliError("--devices is empty: name at least one device")
+    opts = {"wait_peer": 0} if args.region.startswith("ivshmem:") else {}
+    carrier, fifo = open_endpoint(args, "device", **opts)
+    extra: list[Region] = []
+    server = None
+    try:
+        aspace, extra = build_address_space(args, carrier.region)
+        bus = AmpBus(fifo, DeviceConnection(profile=args.profile, max_msg_size=args.max_msg_size))
+        server = DeviceServer(bus, aspace, devices, offer_packed=not args.no_packed,
+                              handshake_timeout=0.25)
+        try:
+            server.add_fd(carrier.fileno(), carrier.poll_events)
+        except ValueError:
+            pass  # carrier without an event source (shm:, file:)
+        info = {
+            "region": args.region, "layout": args.layout, "profile": args.profile,
+            "offset": fifo.offset, "window": fifo.window,
+            "windows": [{"bus_addr": w[0], "length": w[1]} for w in _windows(aspace)],
+            "devices": [dict(dev_num=n, **d.describe()) for n, d in server.devices.items()],
+        }
+        lines = [f"vmsgamp serve: {args.region} (layout {args.layout.upper()}, {args.profile}), "
+                 f"waiting for a driver"]
+        for d in info["devices"]:
+            extras = ", ".join(f"{k}={v}" for k, v in d.items() if k not in ("dev_num", "name", "device_id"))
+            lines.append(f"  device {d['dev_num']}: {d['name']} (virtio id {d['device_id']})"
+                         + (f"  {extras}" if extras else ""))
+        emit(args, info, "\n".join(lines))
+        if args.keepalive:
+            bus.keepalive(args.keepalive)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            server.serve_forever(stop)
+        except KeyboardInterrupt:
+            pass
+        return 0
+    finally:
+        if server is not None:
+            server.close()
+        fifo.close()
+        carrier.close()
+        for r in extra:
+            r.close()
+
+
+def _windows(aspace: AddressSpace) -> list[tuple[int, int]]:
+    return [(bus, length) for bus, _region, _off, length in aspace.windows]
