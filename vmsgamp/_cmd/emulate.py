@@ -1,0 +1,147 @@
+"""``vmsgamp emulate``: an AMP system on one machine.
+
+Starts a QEMU-compatible ivshmem server, a device-side process (``vmsgamp
+serve`` on ``ivshmem:SOCKET``) and runs the driver side here: enumerates,
+exercises every device and reports what happened and the measured rates.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from vmsgamp.cli import CliError
+
+DEFAULT_DEVICES = "rng,console:echo,i2c:sim,gpio:lines=8;loopback=0:1"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("emulate", help="run a device process and a driver process on this machine "
+                                       "and exercise every device")
+    p.add_argument("--devices", default=None, metavar="LIST",
+                   help=f"device list as for serve (default: {DEFAULT_DEVICES}, minus types not built)")
+    p.add_argument("--duration", type=float, default=0.5, help="seconds per throughput test")
+    p.add_argument("--layout", choices=["b", "a"], default="b")
+    p.add_argument("--packed", choices=["auto", "on", "off"], default="auto",
+                   help="virtqueue format (auto: packed when the device offers it)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=run)
+
+
+def _default_devices() -> str:
+    from vmsgamp.devices._base import device_types
+
+    known = device_types()
+    return ",".join(item for item in DEFAULT_DEVICES.split(",") if item.split(":")[0] in known)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vmsgamp._core.addrspace import RegionAllocator
+    from vmsgamp._core.fifo import MsgFifo
+    from vmsgamp.bus import AmpBus, AmpDriver
+    from vmsgamp.carriers import open_carrier
+    from vmsgamp.carriers.ivshmem import IvshmemServer
+    from vmsgamp.devices.exercise import EXERCISES
+    from vmsgamp.protocol import DriverConnection
+
+    devices = args.devices or _default_devices()
+    packed = {"auto": None, "on": True, "off": False}[args.packed]
+    report: dict[str, Any] = {"devices_spec": devices, "layout": args.layout}
+    with tempfile.TemporaryDirectory(prefix="vmsgamp-emulate-") as tmp:
+        sock = os.path.join(tmp, "ivshmem.sock")
+        server = IvshmemServer(sock, 4 << 20)
+        server.start_thread()
+        child = subprocess.Popen(
+            [sys.executable, "-m", "vmsgamp", "serve", "--region", f"ivshmem:{sock}",
+             "--devices", devices, "--layout", args.layout, "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        carrier = fifo = bus = drv = None
+        try:
+            line = child.stdout.readline()
+            if not line:
+                err = child.stderr.read().strip().splitlines()
+                raise CliError(f"device process failed: {err[-1] if err else 'no output'}")
+            served = json.loads(line)
+            report["device_process"] = {"pid": child.pid, "devices": served["devices"]}
+            t0 = time.perf_counter()
+            carrier = open_carrier(f"ivshmem:{sock}", timeout=10)
+            fifo = MsgFifo(carrier.region, role="driver", layout=args.layout, doorbell=carrier.doorbell)
+            bus = AmpBus(fifo, DriverConnection())
+            bus.start(10)
+            drv = AmpDriver(bus, RegionAllocator(carrier.region, 16384), timeout=5)
+            nums = drv.enumerate()
+            infos = [drv.info(n) for n in nums]
+            report["connect_ms"] = (time.perf_counter() - t0) * 1e3
+            report["devices"] = []
+            for info in infos:
+                entry: dict[str, Any] = info.as_dict()
+                fn = EXERCISES.get(info.device_id)
+                if fn is None:
+                    entry["result"] = {"skipped": "no exercise for this device type"}
+                else:
+                    try:
+                        entry["result"] = fn(drv, info.dev_num, duration=args.duration, packed=packed)
+                    except Exception as e:  # report it, keep exercising the others
+                        entry["result"] = {"error": f"{type(e).__name__}: {e}"}
+                report["devices"].append(entry)
+            report["ping"] = drv.ping(200)
+            report["bus"] = bus.stats()
+        finally:
+            if drv is not None:
+                drv.close()
+            if bus is not None:
+                bus.close()
+            elif fifo is not None:
+                fifo.close()
+            if carrier is not None:
+                carrier.close()
+            child.send_signal(signal.SIGTERM)
+            try:
+                _, err = child.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                _, err = child.communicate()
+            report["device_process"] = report.get("device_process", {}) | {"exit_code": child.returncode}
+            server.close()
+    failed = [d for d in report.get("devices", []) if "error" in d.get("result", {})]
+    if args.json:
+        print(json.dumps(report, sort_keys=True, default=str))
+    else:
+        print(_human(report))
+    return 1 if failed or report["device_process"].get("exit_code") not in (0, None) else 0
+
+
+def _human(r: dict[str, Any]) -> str:
+    lines = [f"vmsgamp emulate: device process (pid {r['device_process'].get('pid')}) + driver process "
+             f"(pid {os.getpid()}) over an ivshmem server, layout {r['layout'].upper()}",
+             f"  enumerated {len(r['devices'])} device(s) in {r['connect_ms']:.1f} ms"]
+    for d in r["devices"]:
+        res = d["result"]
+        head = f"  [{d['dev_num']}] {d['name']:8}"
+        if "error" in res:
+            lines.append(f"{head} FAILED: {res['error']}")
+        elif "skipped" in res:
+            lines.append(f"{head} {res['skipped']}")
+        else:
+            lines.append(f"{head} {res.get('summary') or _summary(d['name'], res)}")
+    p = r["ping"]
+    lines.append(f"  bus ping: {p['count']} round trips, p50 {p['p50_us']:.1f} us, p99 {p['p99_us']:.1f} us")
+    b = r["bus"]
+    lines.append(f"  messages: {b['tx_messages']} sent, {b['rx_messages']} received, "
+                 f"{b['rx_malformed']} malformed, {b['timeouts']} timeouts; "
+                 f"device process exit code {r['device_process'].get('exit_code')}")
+    return "\n".join(lines)
+
+
+def _summary(name: str, res: dict[str, Any]) -> str:
+    if name == "rng":
+        return (f"read {res['bytes']} bytes of entropy in {res['requests']} requests "
+                f"({res['mb_per_s']:.1f} MB/s, {'packed' if res['packed'] else 'split'} ring), "
+                f"first bytes {res['sample'][:16]}")
+    return ", ".join(f"{k}={v}" for k, v in res.items())

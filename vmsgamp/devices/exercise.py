@@ -1,0 +1,60 @@
+"""Driver-side exercises for each device type: what `vmsgamp emulate` runs
+and `vmsgamp bench devices` measures.  Each takes an AmpDriver and a device
+number and returns a small dict of facts and rates."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vmsgamp.bus import AmpDriver
+
+Exercise = Callable[..., dict[str, Any]]
+EXERCISES: dict[int, Exercise] = {}
+
+
+def exercise(device_id: int) -> Callable[[Exercise], Exercise]:
+    def deco(fn: Exercise) -> Exercise:
+        EXERCISES[device_id] = fn
+        return fn
+
+    return deco
+
+
+@exercise(4)
+def rng(drv: AmpDriver, dev_num: int, *, duration: float = 0.5, request: int = 4096,
+        in_flight: int = 32, packed: bool | None = None) -> dict[str, Any]:
+    """Read entropy with ``in_flight`` requests of ``request`` bytes queued."""
+    dev = drv.open(dev_num, packed=packed)
+    try:
+        q = dev.queues[0]
+        bufs = [dev.alloc(request) for _ in range(in_flight)]
+        for i, (addr, _) in enumerate(bufs):
+            q.add([], [(addr, request)], token=i)
+        dev.notify(0)
+        total = 0
+        requests = 0
+        sample = b""
+        t0 = time.perf_counter()
+        end = t0 + duration
+        while True:
+            if not dev.wait_used(0, 5):
+                raise TimeoutError(f"rng device {dev_num}: no entropy within 5 s")
+            while (used := q.get_used()) is not None:
+                token, ln = used
+                total += ln
+                requests += 1
+                if not sample:
+                    sample = bytes(bufs[token][1][:16])
+                if time.perf_counter() < end:
+                    q.add([], [(bufs[token][0], request)], token=token)
+            if time.perf_counter() >= end:
+                if q.in_flight == 0:
+                    break
+            else:
+                dev.notify(0)
+        secs = time.perf_counter() - t0
+        return {"bytes": total, "requests": requests, "seconds": secs,
+                "mb_per_s": total / secs / 1e6, "sample": sample.hex(), "packed": dev.packed}
+    finally:
+        dev.close()
