@@ -58,3 +58,36 @@ def rng(drv: AmpDriver, dev_num: int, *, duration: float = 0.5, request: int = 4
                 "mb_per_s": total / secs / 1e6, "sample": sample.hex(), "packed": dev.packed}
     finally:
         dev.close()
+
+
+@exercise(34)
+def i2c(drv: AmpDriver, dev_num: int, *, duration: float = 0.5, packed: bool | None = None,
+        eeprom: int = 0x50, sensor: int = 0x48) -> dict[str, Any]:
+    """EEPROM (24C02-like) write and read-back, then a temperature read."""
+    from vmsgamp.devices.i2c_client import I2cClient, I2cError
+
+    client = I2cClient.open(drv, dev_num, packed=packed)
+    try:
+        pattern = bytes((0xA5 ^ i * 7) & 0xFF for i in range(8))   # one 8-byte page
+        t0 = time.perf_counter()
+        client.write_i2c_block_data(eeprom, 0x10, pattern)
+        back = bytes(client.read_i2c_block_data(eeprom, 0x10, len(pattern)))
+        rtt_us = (time.perf_counter() - t0) * 1e6
+        result: dict[str, Any] = {"eeprom_addr": eeprom, "written": pattern.hex(), "read_back": back.hex(),
+                                  "match": back == pattern, "write_read_us": rtt_us}
+        try:
+            raw = client.read_word_data(sensor, 0)
+            # LM75: big-endian on the wire, 9 significant bits, 0.5 degC steps
+            temp = int.from_bytes(raw.to_bytes(2, "little"), "big", signed=True) / 256
+            result["temperature_c"] = round(temp * 2) / 2
+        except I2cError:
+            result["temperature_c"] = None
+        if not result["match"]:
+            raise RuntimeError(f"EEPROM read-back {back.hex()} != written {pattern.hex()}")
+        result["summary"] = (f"EEPROM @{eeprom:#04x}: wrote {len(pattern)} bytes, read back "
+                             f"{'identical' if result['match'] else 'DIFFERENT'} "
+                             f"({rtt_us:.0f} us); temperature sensor @{sensor:#04x}: "
+                             f"{result['temperature_c']} C")
+        return result
+    finally:
+        client.close()
