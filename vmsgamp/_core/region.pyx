@@ -167,7 +167,8 @@ cdef class Region:
             except OSError:
                 pass
             self._fd = -1
-        callbacks, self._on_close = self._on_close, []
+        # _on_close may be None here when the cyclic GC cleared this object
+        callbacks, self._on_close = self._on_close or [], []
         for cb in callbacks:
             try:
                 cb()
