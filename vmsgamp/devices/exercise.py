@@ -91,3 +91,37 @@ def i2c(drv: AmpDriver, dev_num: int, *, duration: float = 0.5, packed: bool | N
         return result
     finally:
         client.close()
+
+
+@exercise(41)
+def gpio(drv: AmpDriver, dev_num: int, *, duration: float = 0.5, packed: bool | None = None,
+         out_line: int = 0, in_line: int = 1) -> dict[str, Any]:
+    """Toggle an output wired (device option loopback=OUT:IN) to an input
+    with a falling-edge interrupt armed, and wait for the interrupt."""
+    from vmsgamp.devices.gpio_client import Direction, GpioClient, IrqStatus, IrqType
+
+    client = GpioClient.open(drv, dev_num, packed=packed)
+    try:
+        names = client.line_names() if client.names_size else []
+        client.direction_output(out_line, 1)
+        client.set_direction(in_line, Direction.IN)
+        high = client.get_value(in_line)
+        client.set_irq_type(in_line, IrqType.EDGE_FALLING)
+        t0 = time.perf_counter()
+        client.set_value(out_line, 0)
+        status = client.wait_irq(in_line, 5.0)
+        irq_us = (time.perf_counter() - t0) * 1e6
+        low = client.get_value(in_line)
+        client.set_irq_type(in_line, IrqType.NONE)
+        ok = status == IrqStatus.VALID
+        result: dict[str, Any] = {"ngpio": client.ngpio, "names": names[:4], "input_before": high,
+                                  "input_after": low, "irq": None if status is None else status.name,
+                                  "toggle_to_irq_us": irq_us}
+        if not ok:
+            raise RuntimeError(f"no interrupt on line {in_line} after toggling line {out_line} "
+                               f"(got {status}); is the device's loopback={out_line}:{in_line} set?")
+        result["summary"] = (f"{client.ngpio} lines; line {out_line} 1->0 toggled input {in_line} "
+                             f"{high}->{low}, falling-edge interrupt {status.name} after {irq_us:.0f} us")
+        return result
+    finally:
+        client.close()
