@@ -147,7 +147,11 @@ class DeviceTransport:
         if isinstance(req, ResetVqueueRequest):
             # Always answered, with or without RING_RESET (Linux waits for it).
             self.vq_config.pop(req.index, None)
-            self.queues.pop(req.index, None)
+            if self.queues.pop(req.index, None) is not None:
+                try:
+                    d.queue_reset(req.index)
+                except Exception:
+                    log.exception("device %d: queue_reset(%d) failed", self.dev_num, req.index)
             return ResetVqueueResponse()
         if isinstance(req, GetShmRequest):
             return GetShmResponse(index=req.index, length=0, address=0)  # no shared memory regions
@@ -258,6 +262,15 @@ class DeviceTransport:
         q = self.queues.get(vq_index)
         if q is not None and self.status & S.DRIVER_OK:
             self._maybe_notify(vq_index, q)
+
+    def on_fd_ready(self, fd: int) -> None:
+        """A host fd of the model is readable; a model error here must not
+        take the serving loop down."""
+        try:
+            self.device.on_fd_ready(fd)
+        except Exception as e:
+            log.exception("device %d (%s): host input handler failed", self.dev_num, self.device.name)
+            self._needs_reset(f"device model error on host input: {e}")
 
     def config_changed(self) -> None:
         if self.status & S.DRIVER_OK:
@@ -443,7 +456,7 @@ class DeviceServer:
                 else:
                     for t in self.transports.values():
                         if key.fd in t.device.poll_fds():
-                            t.device.on_fd_ready(key.fd)
+                            t.on_fd_ready(key.fd)
         finally:
             if fifo.doorbell.can_wait:
                 fifo.disarm_wait()

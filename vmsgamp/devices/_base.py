@@ -87,6 +87,12 @@ class VirtioDevice:
         self.negotiated = 0
         self.active = False
 
+    def queue_reset(self, index: int) -> None:
+        """RESET_VQUEUE: forget queue ``index`` and every chain held from it
+        (its ring memory now belongs to the driver again)."""
+        if index < len(self.queues):
+            self.queues[index] = None
+
     def has_feature(self, bit: int) -> bool:
         return bool(self.negotiated >> bit & 1)
 

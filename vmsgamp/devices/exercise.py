@@ -125,3 +125,37 @@ def gpio(drv: AmpDriver, dev_num: int, *, duration: float = 0.5, packed: bool | 
         return result
     finally:
         client.close()
+
+
+@exercise(3)
+def console(drv: AmpDriver, dev_num: int, *, duration: float = 0.5, packed: bool | None = None,
+            rounds: int = 200) -> dict[str, Any]:
+    """Echo round trips through port 0 (the device side runs console:echo)."""
+    from vmsgamp.devices.console_client import ConsoleClient
+
+    dev = drv.open(dev_num, packed=packed)
+    client = ConsoleClient(dev)
+    try:
+        msg = b"vmsgamp console echo\n"
+        client.write(msg)
+        first = client.read(len(msg), timeout=5)
+        if first != msg:
+            raise RuntimeError(f"console echo: sent {msg!r}, got {first!r} (device backend not echo?)")
+        samples = []
+        end = time.perf_counter() + duration
+        while len(samples) < rounds and time.perf_counter() < end:
+            t0 = time.perf_counter()
+            client.write(b"x")
+            if client.read(1, timeout=5) != b"x":
+                raise RuntimeError("console echo lost a byte")
+            samples.append((time.perf_counter() - t0) * 1e6)
+        samples.sort()
+        p50 = samples[len(samples) // 2]
+        p99 = samples[min(len(samples) - 1, int(len(samples) * 0.99))]
+        return {"echoed": first.decode().strip(), "round_trips": len(samples), "rtt_p50_us": p50,
+                "rtt_p99_us": p99,
+                "summary": f"echo of {len(msg)} bytes came back intact; {len(samples)} one-byte "
+                           f"round trips, p50 {p50:.0f} us, p99 {p99:.0f} us"}
+    finally:
+        client.close()
+        dev.close()
