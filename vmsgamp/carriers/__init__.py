@@ -18,6 +18,9 @@ from vmsgamp.carriers._registry import (
     shm_path,
 )
 from vmsgamp.carriers import ivshmem as _ivshmem  # noqa: F401  (registers ivshmem:)
+from vmsgamp.carriers import uio as _uio  # noqa: F401  (registers uio: and /dev/uioN)
+from vmsgamp.carriers import pci as _pci  # noqa: F401  (registers pci:)
+from vmsgamp.carriers import vfio as _vfio  # noqa: F401  (registers vfio:)
 from vmsgamp.carriers.ivshmem import (
     IvshmemCarrier,
     IvshmemClient,

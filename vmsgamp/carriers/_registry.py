@@ -210,6 +210,16 @@ def schemes() -> dict[str, str]:
     return {n: s.summary for n, s in sorted(_SCHEMES.items())}
 
 
+# Bare paths that belong to a scheme other than file: (e.g. /dev/uio3 -> uio:).
+_BARE_PATHS: list[tuple["re.Pattern[str]", str]] = []
+
+
+def register_bare_path(pattern: str, scheme: str) -> None:
+    """Send bare paths matching ``pattern`` (a full-match regex) to ``scheme``
+    instead of ``file:``."""
+    _BARE_PATHS.append((re.compile(pattern), scheme))
+
+
 def parse_uri(uri: str) -> tuple[str, str, dict[str, str]]:
     """``(scheme, target, options)``; options are raw strings."""
     if not isinstance(uri, str) or not uri.strip():
@@ -218,7 +228,11 @@ def parse_uri(uri: str) -> tuple[str, str, dict[str, str]]:
     body, sep, frag = uri.partition("#")
     options = _parse_fragment(uri, frag) if sep else {}
     if body.startswith(_PATH_PREFIXES):
-        return "file", os.path.expanduser(body), options
+        path = os.path.expanduser(body)
+        for pattern, scheme in _BARE_PATHS:
+            if pattern.fullmatch(path):
+                return scheme, path, options
+        return "file", path, options
     scheme, colon, target = body.partition(":")
     if not colon or not scheme:
         raise ValueError(f"{uri!r} is not a region URI: use SCHEME:TARGET "
