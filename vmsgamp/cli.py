@@ -21,6 +21,8 @@ COMMAND_MODULES = [
     "vmsgamp._cmd.decode",
     "vmsgamp._cmd.dump",
     "vmsgamp._cmd.ivshmem_server",
+    "vmsgamp._cmd.vhost_user",
+    "vmsgamp._cmd.doctor",
 ]
 
 

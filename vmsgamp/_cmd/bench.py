@@ -10,6 +10,7 @@ BENCHMARKS = {
     "fifo": "vmsgamp._bench.fifo",
     "virtqueue": "vmsgamp._bench.virtqueue",
     "devices": "vmsgamp._bench.devices",
+    "vhost-user": "vmsgamp._bench.vhost_user",
 }
 
 
