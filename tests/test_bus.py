@@ -1,5 +1,4 @@
 """virtio-msg over the AMP bus, device process against driver process."""
-import os
 
 import pytest
 

@@ -7,7 +7,6 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import start_pair
 from vmsgamp._core.doorbell import EventfdDoorbell, PollingDoorbell
 from vmsgamp._core.fifo import MsgFifo
 from vmsgamp._core.region import Region

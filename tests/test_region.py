@@ -1,6 +1,5 @@
 import os
 
-import numpy as np
 import pytest
 
 from vmsgamp._core.region import ACQUIRE, RELEASE, SEQ_CST, Region

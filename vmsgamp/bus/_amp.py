@@ -18,7 +18,7 @@ from typing import Any
 from vmsgamp._core.fifo import MsgFifo
 from vmsgamp.errors import BadMessageSize, FifoBrokenError, PeerStateError, VmsgampError
 from vmsgamp.protocol import (
-    Connection, Event, Message, PingRequest, PingResponse, RequestTimedOut, ResponseReceived,
+    Connection, Event, Message, PingRequest, RequestTimedOut, ResponseReceived,
 )
 
 log = logging.getLogger("vmsgamp.bus")

@@ -21,11 +21,11 @@ from typing import Any
 from vmsgamp._core.addrspace import AddressSpace
 from vmsgamp._core.virtq import PackedQueue, QueueBrokenError, SplitQueue
 from vmsgamp.bus._amp import AmpBus, BusError, PeerLost
-from vmsgamp.devices._base import VirtioDevice
+from vmsgamp.devices._base import VirtioDevice, offered_features
 from vmsgamp.errors import PeerStateError
 from vmsgamp.protocol import (
     NUM_FEATURE_BITS, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED,
-    VIRTIO_F_VERSION_1, DeviceConnection, DeviceStatus, Event, EventAvail, EventConfig, EventUsed,
+    DeviceConnection, DeviceStatus, Event, EventAvail, EventConfig, EventUsed,
     GetConfigRequest, GetConfigResponse, GetDeviceFeaturesRequest, GetDeviceFeaturesResponse,
     GetDeviceInfoRequest, GetDeviceInfoResponse, GetDevicesRequest, GetDeviceStatusRequest,
     GetDeviceStatusResponse, GetShmRequest, GetShmResponse, GetVqueueRequest, GetVqueueResponse,
@@ -55,14 +55,8 @@ class DeviceTransport:
         self.aspace = aspace
         self._send = send
         self.max_msg_size = max_msg_size
-        transport_bits = 1 << VIRTIO_F_VERSION_1
-        if offer_indirect:
-            transport_bits |= 1 << VIRTIO_F_INDIRECT_DESC
-        if offer_event_idx:
-            transport_bits |= 1 << VIRTIO_F_EVENT_IDX
-        if offer_packed:
-            transport_bits |= 1 << VIRTIO_F_RING_PACKED
-        self.offered = (device.features | transport_bits) & ((1 << NUM_FEATURE_BITS) - 1)
+        self.offered = offered_features(device, packed=offer_packed, event_idx=offer_event_idx,
+                                        indirect=offer_indirect) & ((1 << NUM_FEATURE_BITS) - 1)
         self.status = 0
         self.driver_features = 0
         self.vq_config: dict[int, tuple[int, int, int, int]] = {}

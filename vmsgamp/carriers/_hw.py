@@ -602,3 +602,4 @@ def ivshmem_status(regs: Registers) -> Callable[[], bool]:
 
 def amp_pci_ring(regs: Registers, fifo: int) -> Callable[[], None]:
     return RegisterWrite(regs, AMP_PCI_NOTIFY_BASE + 4 * fifo, 32, 1)
+

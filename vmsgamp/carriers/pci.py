@@ -260,6 +260,37 @@ def default_bar(kind: str | None) -> int | None:
     return {"ivshmem": 2, "amp": 1}.get(kind or "")
 
 
+
+def resolve_pci_options(uri: str, dev: Any, *, doorbell: Any, ring: Any, bar: Any, vector: Any,
+                        fifo: Any, bar_hint: str = "") -> tuple[str, int, int, int]:
+    """Doorbell kind, shared-memory BAR, vector and FIFO index for a PCI
+    device opened through sysfs (pci:) or VFIO (vfio:)."""
+    kind = str(doorbell).strip().lower()
+    if ring is not None:
+        if kind not in ("auto", "ring"):
+            raise ValueError(f"{uri}: ring= and doorbell={doorbell} exclude each other")
+        kind = "ring"
+    elif kind == "auto":
+        kind = dev.kind or "none"
+    if kind not in ("ivshmem", "amp", "ring", "none"):
+        raise ValueError(f"{uri}: doorbell={doorbell!r}: use auto, ivshmem, amp or none "
+                         f"(or ring=barN:OFFSET)")
+    if bar is None:
+        bar_no = default_bar(dev.kind)
+        if bar_no is None:
+            raise ValueError(f"{uri}: {dev.describe()} is not a known device; say which BAR "
+                             f"holds the shared memory with #bar=N{bar_hint}")
+    else:
+        bar_no = parse_int(bar, "bar")
+        if not 0 <= bar_no <= 5:
+            raise ValueError(f"{uri}: bar must be 0..5, not {bar_no}")
+    vec = parse_int(vector, "vector")
+    fifo_no = parse_int(fifo, "fifo")
+    if not 0 <= vec <= 0xFFFF or not 0 <= fifo_no < 8:
+        raise ValueError(f"{uri}: vector must be 0..65535 and fifo 0..7")
+    return kind, bar_no, vec, fifo_no
+
+
 def parse_irq_mode(value: Any, allowed: tuple[str, ...], uri: str) -> str:
     mode = str(value).strip().lower()
     if mode in ("0", "no", "off", "none", "false"):
@@ -316,29 +347,9 @@ def open_pci(target: str, *, uri: str, bar: Any = None, wc: Any = False, doorbel
     if dev.memory_decoding() is False:
         raise OSError(errno.EIO, f"{uri}: memory decoding is off for {dev.bdf} (command "
                       f"register); enable the device: echo 1 > {dev.path}/enable")
-    kind = str(doorbell).strip().lower()
-    if ring is not None:
-        if kind not in ("auto", "ring"):
-            raise ValueError(f"{uri}: ring= and doorbell={doorbell} exclude each other")
-        kind = "ring"
-    elif kind == "auto":
-        kind = dev.kind or "none"
-    if kind not in ("ivshmem", "amp", "ring", "none"):
-        raise ValueError(f"{uri}: doorbell={doorbell!r}: use auto, ivshmem, amp or none "
-                         f"(or ring=barN:OFFSET)")
-    if bar is None:
-        bar_no = default_bar(dev.kind)
-        if bar_no is None:
-            raise ValueError(f"{uri}: {dev.describe()} is not a known device; say which BAR "
-                             f"holds the shared memory with #bar=N (BARs: {_bar_list(dev)})")
-    else:
-        bar_no = parse_int(bar, "bar")
-        if not 0 <= bar_no <= 5:
-            raise ValueError(f"{uri}: bar must be 0..5, not {bar_no}")
-    vec = parse_int(vector, "vector")
-    fifo_no = parse_int(fifo, "fifo")
-    if not 0 <= vec <= 0xFFFF or not 0 <= fifo_no < 8:
-        raise ValueError(f"{uri}: vector must be 0..65535 and fifo 0..7")
+    kind, bar_no, vec, fifo_no = resolve_pci_options(
+        uri, dev, doorbell=doorbell, ring=ring, bar=bar, vector=vector, fifo=fifo,
+        bar_hint=f" (BARs: {_bar_list(dev)})")
     mode = parse_irq_mode(irq, ("auto", "uio", "status", "poll"), uri)
     if mode == "status" and kind != "ivshmem":
         raise ValueError(f"{uri}: irq=status reads ivshmem's IntrStatus; this doorbell is {kind}")

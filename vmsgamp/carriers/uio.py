@@ -68,7 +68,7 @@ from vmsgamp.carriers._hw import (
     parse_register_spec, read_attr, read_int_attr, sysfs_root,
 )
 from vmsgamp.carriers._registry import (
-    COMMON_OPTIONS, Carrier, parse_bool, parse_int, parse_timeout, register_bare_path,
+    Carrier, parse_bool, parse_int, parse_timeout, register_bare_path,
     register_scheme,
 )
 

@@ -64,7 +64,7 @@ from vmsgamp.carriers._hw import (
 )
 from vmsgamp.carriers._registry import Carrier, parse_bool, parse_int, register_scheme
 from vmsgamp.carriers.pci import (
-    PciDevice, build_register_doorbell, default_bar, parse_irq_mode,
+    PciDevice, build_register_doorbell, parse_irq_mode, resolve_pci_options,
 )
 
 __all__ = ["VfioDevice", "VfioError", "VfioPermissionError", "VfioNotFoundError", "VfioIrq",
@@ -542,29 +542,8 @@ def open_vfio(target: str, *, uri: str, bar: Any = None, doorbell: Any = "auto",
         pdev = PciDevice.load(target, sysfs_root=sysfs_root)
     except ValueError as e:
         raise type(e)(f"{uri}: {e}") from None
-    kind = str(doorbell).strip().lower()
-    if ring is not None:
-        if kind not in ("auto", "ring"):
-            raise ValueError(f"{uri}: ring= and doorbell={doorbell} exclude each other")
-        kind = "ring"
-    elif kind == "auto":
-        kind = pdev.kind or "none"
-    if kind not in ("ivshmem", "amp", "ring", "none"):
-        raise ValueError(f"{uri}: doorbell={doorbell!r}: use auto, ivshmem, amp or none "
-                         f"(or ring=barN:OFFSET)")
-    if bar is None:
-        bar_no = default_bar(pdev.kind)
-        if bar_no is None:
-            raise ValueError(f"{uri}: {pdev.describe()} is not a known device; say which BAR "
-                             f"holds the shared memory with #bar=N")
-    else:
-        bar_no = parse_int(bar, "bar")
-        if not 0 <= bar_no <= 5:
-            raise ValueError(f"{uri}: bar must be 0..5, not {bar_no}")
-    vec = parse_int(vector, "vector")
-    fifo_no = parse_int(fifo, "fifo")
-    if not 0 <= vec <= 0xFFFF or not 0 <= fifo_no < 8:
-        raise ValueError(f"{uri}: vector must be 0..65535 and fifo 0..7")
+    kind, bar_no, vec, fifo_no = resolve_pci_options(
+        uri, pdev, doorbell=doorbell, ring=ring, bar=bar, vector=vector, fifo=fifo)
     mode = parse_irq_mode(irq, ("auto", "msix", "msi", "intx", "poll"), uri)
     memtype = opts.get("memtype") or "device"
     readonly = parse_bool(opts.get("readonly", False), "readonly")

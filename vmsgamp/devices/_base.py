@@ -33,6 +33,28 @@ from typing import Any
 
 log = logging.getLogger("vmsgamp.devices")
 
+# Transport feature bits (virtio 1.x "Reserved Feature Bits").
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_RING_PACKED = 34
+
+
+def offered_features(device: "VirtioDevice", *, packed: bool = True, event_idx: bool = True,
+                     indirect: bool = True) -> int:
+    """What a transport offers for ``device``: its own bits, VERSION_1
+    always, and the ring features it implements.  Never NOTIFICATION_DATA
+    (Linux's virtio-msg encoding of it is broken) nor RING_RESET."""
+    bits = device.features | 1 << VIRTIO_F_VERSION_1
+    if indirect:
+        bits |= 1 << VIRTIO_F_INDIRECT_DESC
+    if event_idx:
+        bits |= 1 << VIRTIO_F_EVENT_IDX
+    if packed:
+        bits |= 1 << VIRTIO_F_RING_PACKED
+    return bits
+
+
 # QEMU uses 0x554D4551 ("QEMU"); ours spells "VMSG".
 VMSGAMP_VENDOR_ID = 0x47534D56
 

@@ -42,7 +42,7 @@ from typing import Any
 from vmsgamp._core.addrspace import AddressSpace
 from vmsgamp._core.region import Region
 from vmsgamp._core.virtq import PackedQueue, QueueBrokenError, QueueState, SplitQueue
-from vmsgamp.devices._base import VirtioDevice
+from vmsgamp.devices._base import VirtioDevice, offered_features
 from vmsgamp.vhost_user._protocol import (
     FLAG_NEED_REPLY, MAX_FDS, VHOST_USER_F_PROTOCOL_FEATURES, Decoder, MemoryRegion, ProtocolFeature,
     Request, VhostMessage, VhostProtocolError, encode_config, encode_reply, encode_u64,
@@ -192,14 +192,9 @@ class VhostUserBackend:
                  offer_event_idx: bool = True, offer_indirect: bool = True) -> None:
         self.device = device
         self.socket_path = socket_path
-        features = device.features | 1 << VIRTIO_F_VERSION_1 | 1 << VHOST_USER_F_PROTOCOL_FEATURES
-        if offer_packed:
-            features |= 1 << VIRTIO_F_RING_PACKED
-        if offer_event_idx:
-            features |= 1 << VIRTIO_F_EVENT_IDX
-        if offer_indirect:
-            features |= 1 << VIRTIO_F_INDIRECT_DESC
-        self.offered_features = features
+        self.offered_features = offered_features(
+            device, packed=offer_packed, event_idx=offer_event_idx,
+            indirect=offer_indirect) | 1 << VHOST_USER_F_PROTOCOL_FEATURES
         proto = 1 << ProtocolFeature.MQ | 1 << ProtocolFeature.REPLY_ACK | 1 << ProtocolFeature.RESET_DEVICE
         if len(device.config):
             proto |= 1 << ProtocolFeature.CONFIG
