@@ -3,7 +3,6 @@ with a readable reason, later calls keep raising, and nothing loops or
 touches memory outside the windows."""
 from __future__ import annotations
 
-import struct
 
 import numpy as np
 import pytest
@@ -395,6 +394,8 @@ def test_split_state_validation():
         dict(next_avail=70000), dict(next_used=-1), dict(next_avail=9, next_used=0),
         dict(size=6), dict(size=65536), dict(desc_addr=s.desc_addr + 8),
         dict(desc_addr=BUS + (1 << 16) - 16), dict(format="packed"), dict(signalled_used=1 << 16),
+        dict(size="8"), dict(next_avail=1.5), dict(desc_addr=1 << 64), dict(size=True),
+        dict(inflight=((0, 1),)), dict(desc_addr=-16),
     ]
     for kw in bad:
         with pytest.raises(ValueError):
@@ -412,6 +413,8 @@ def test_packed_state_validation():
         dict(next_avail=3, inflight=((0, 2),)), dict(next_avail=2, inflight=((8, 2),)),
         dict(next_avail=2, inflight=((1, 1), (1, 1))), dict(next_avail=1, inflight=((0, 0), (1, 1))),
         dict(avail_wrap=False, next_avail=4, next_used=2),
+        dict(inflight=5), dict(next_avail=2, inflight=((0,),)), dict(next_avail=2, inflight=(("a", 2),)),
+        dict(size=0),
     ]
     for kw in bad:
         with pytest.raises(ValueError):
@@ -433,3 +436,100 @@ def test_closed_address_space_refuses_work():
         q.pop()
     with pytest.raises(ValueError, match="closed"):
         c.read()
+
+
+# ---- fuzz: random ring contents, Cython device vs the reference device ---------
+
+import hypothesis.strategies as st  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+
+from vmsgamp._vq_reference import RefBroken, RefPackedDevice, RefSplitDevice  # noqa: E402
+
+FUZZ_BUF = BUS + 0x8000    # a valid buffer area inside the window
+
+
+def _desc_strategy(size):
+    # mostly plausible descriptors, sometimes wild ones
+    valid = st.integers(FUZZ_BUF, FUZZ_BUF + 0x1000)
+    addr = st.one_of(valid, valid, valid, valid, st.integers(0, 2**64 - 1), st.just(BUS + (1 << 16) - 8))
+    small = st.integers(0, 64)
+    ln = st.one_of(small, small, small, st.sampled_from([16, 32, 48, 0xFFFF_FFFF, 0x8000_0000]))
+    plain = st.sampled_from([0, NEXT, WRITE, WRITE | NEXT])
+    flags = st.one_of(plain, plain, plain, st.integers(0, 7))
+    packed_bits = st.sampled_from([AVAIL, AVAIL, AVAIL, USED, AVAIL | USED, 0])
+    other = st.one_of(st.integers(0, size - 1), st.integers(0, size - 1), st.integers(0, 0xFFFF))
+    return st.tuples(addr, ln, st.tuples(flags, packed_bits).map(lambda t: t[0] | t[1]), other)
+
+
+def _drain(dev, ref):
+    """Pop until empty or broken on both; results must agree exactly."""
+    for _ in range(64):
+        try:
+            r = ref.pop()
+            rerr = None
+        except RefBroken as e:
+            r, rerr = None, e
+        try:
+            c = dev.pop()
+            cerr = None
+        except QueueBrokenError as e:
+            c, cerr = None, e
+        assert (rerr is None) == (cerr is None), (rerr, cerr)
+        if cerr is not None:
+            assert dev.broken and dev.broken_reason
+            event("broken: " + dev.broken_reason.split(" ")[0])
+            return
+        assert (c is None) == (r is None)
+        if c is None:
+            event("drained cleanly")
+            return
+        event("popped a chain")
+        assert c.head == r.head
+        assert c.segments == [(a, n, False) for a, n in r.readable] + [(a, n, True) for a, n in r.writable]
+        dev.add_used(c.head, 0)
+        ref.add_used(r.head, 0)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), size=st.sampled_from([2, 4, 8]), indirect=st.booleans())
+def test_fuzz_split_device(data, size, indirect):
+    r = Region.memfd(1 << 16, bus_base=BUS)
+    m = MockDriver(r, "split", size=size, indirect=indirect, buf_size=64, nbufs=1)
+    dev = m.device_queue()
+    ref = RefSplitDevice(m.aspace, size, m.desc_addr, m.driver_addr, m.device_addr, indirect=indirect)
+    table = FUZZ_BUF + 0x800     # an indirect table some descriptors may point at
+    for i, (a, ln, f, nx) in enumerate(data.draw(st.lists(_desc_strategy(size), min_size=size,
+                                                          max_size=size))):
+        m.write_desc(i, a, ln, f & 7, nx)
+    for i, (a, ln, f, nx) in enumerate(data.draw(st.lists(_desc_strategy(size), max_size=6))):
+        m.write_desc(i, a, ln, f & 7, nx, table=table)
+    if data.draw(st.booleans()):
+        m.write_desc(0, table, 16 * data.draw(st.integers(0, 8)), INDIRECT)
+    heads = st.one_of(st.integers(0, size - 1), st.integers(0, size - 1), st.integers(0, 0xFFFF))
+    for s, h in enumerate(data.draw(st.lists(heads, min_size=size, max_size=size))):
+        m.write_avail(s, h)
+    idx = st.integers(0, size)
+    m.set_avail_idx(data.draw(st.one_of(idx, idx, idx, st.integers(0, 0xFFFF))))
+    _drain(dev, ref)
+    m.close()
+    r.close()
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), size=st.sampled_from([2, 3, 4, 8]), indirect=st.booleans())
+def test_fuzz_packed_device(data, size, indirect):
+    r = Region.memfd(1 << 16, bus_base=BUS)
+    m = MockDriver(r, "packed", size=size, indirect=indirect, buf_size=64, nbufs=1)
+    dev = m.device_queue()
+    ref = RefPackedDevice(m.aspace, size, m.desc_addr, m.driver_addr, m.device_addr, indirect=indirect)
+    table = FUZZ_BUF + 0x800
+    for i, (a, ln, f, bid) in enumerate(data.draw(st.lists(_desc_strategy(size), min_size=size,
+                                                           max_size=size))):
+        m.write_desc(i, a, ln, f, bid)
+    for i, (a, ln, f, bid) in enumerate(data.draw(st.lists(_desc_strategy(size), max_size=6))):
+        m.write_desc(i, a, ln, f, bid, table=table)
+    if data.draw(st.booleans()):
+        m.write_desc(0, table, 16 * data.draw(st.integers(0, 8)), INDIRECT | AVAIL, data.draw(st.integers(0, size)))
+    _drain(dev, ref)
+    m.close()
+    r.close()

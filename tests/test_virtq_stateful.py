@@ -245,6 +245,9 @@ class VirtqMachine(RuleBasedStateMachine):
         st_ = self.cdev.state()
         self.cdev = PackedQueue.from_state(self.aspaces[0], st_)
         assert self.cdev.state() == st_
+        # documented: a restored packed device notifies at its next check
+        if self.rdev.signalled is not None:
+            self.rdev.used_since = self.size
 
     # ---- invariants ----
 

@@ -119,7 +119,6 @@ class RefSplitDriver(_Mem):
         self.pool = indirect_addr if (indirect and indirect_addr is not None and indirect_max > 1) else None
         self.next = [i + 1 for i in range(size)]
         self.free_head, self.num_free = 0, size
-        self.avail_idx = self.last_used = 0
         self.num_added = 0
         self.cb_disabled = False
         self.inflight: dict[int, tuple[Any, int, int]] = {}  # head -> (token, ndesc, in_len)

@@ -50,6 +50,9 @@ cdef class AddressSpace:
     def add_window(self, uint64_t bus_base, Region region, uint64_t offset=0, length=None):
         """Map bus ``[bus_base, bus_base+length)`` to ``region[offset:offset+length]``."""
         self.check_open()
+        if self._busy:
+            # a nogil batch is walking the window table right now
+            raise RuntimeError("cannot add a window while a queue batch is running")
         cdef uint64_t ln
         if length is None:
             if offset > region.size:

@@ -82,7 +82,9 @@ cdef class DescriptorChain:
     cdef object _view(self, int i)
 
 cdef class ChainBatch:
-    cdef readonly object heads, seg_start, addr, length, writable, offset, window
+    cdef readonly object heads, seg_start, addr, length, writable, offset, window, tokens, used_len
+    cdef uint64_t[::1] _tokens
+    cdef uint32_t[::1] _used_len
     cdef uint16_t[::1] _heads
     cdef uint32_t[::1] _seg_start
     cdef uint64_t[::1] _addr
@@ -90,8 +92,8 @@ cdef class ChainBatch:
     cdef uint8_t[::1] _writable
     cdef uint64_t[::1] _offset
     cdef uint16_t[::1] _window
-    cdef readonly int count
-    cdef readonly int nseg
+    cdef public int count
+    cdef public int nseg
     cdef readonly int max_chains
     cdef readonly int max_segments
 
@@ -174,6 +176,10 @@ cdef class _Driver(_Virtqueue):
     cdef void _consume(self, unsigned id) noexcept nogil
     cdef void _publish(self) noexcept nogil
     cdef void _after_get(self) noexcept nogil
+    cdef int _add_many(self, const uint64_t *addr, const uint32_t *length, const uint8_t *writable,
+                       const uint64_t *tokens, const uint16_t *nseg, const uint32_t *seg_start,
+                       int nchains, int nsegs, int *bad) noexcept nogil
+    cdef int _get_many(self, uint64_t *tokens, uint32_t *lengths, int cap, int *r) noexcept nogil
     cdef int _store_token(self, unsigned id, object token) except -1
     cdef object _take_token(self, unsigned id)
     cdef void _write_table(self, char *table, int n, int nout, bint split) noexcept nogil

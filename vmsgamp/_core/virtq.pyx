@@ -22,9 +22,27 @@ Full fences (vm_fence_seq_cst) appear only where a store must be visible
 before a later load of the peer's field (notification enable/suppress); each
 names the lost wake-up it prevents.
 
+The spec rules behind them (virtio 1.2, paraphrased; section names of
+split-ring.tex / packed-ring.tex):
+  R1 split, "Updating idx": the driver makes the descriptors and the ring
+     entry visible before it updates avail->idx.
+  R1 packed, "Making buffers available": the driver writes the flags of the
+     first descriptor of a chain last, after the rest of the chain.
+  R2 split, "The Virtqueue Used Ring": the device writes the used element
+     before it updates used->idx.
+  R2 packed, "Marking buffers used": the used descriptor's flags are written
+     after its id and len.
+  fences, "Notification suppression" / "Event suppression": the side that
+     publishes reads the peer's suppression field only after its index or
+     flags update is visible (Linux virtio_mb(), rust-vmm's SeqCst fence).
+
 Shapes follow rust-vmm virtio-queue (device: pop / add_used /
 needs_notification / enable_notification) and Linux virtio_ring.c (driver:
 add / kick_prepare / get_used / enable_cb / disable_cb).
+
+A queue object is used by one thread at a time (like a Linux virtqueue
+under its lock); the batch calls release the GIL, so a second thread must
+not call into the same queue meanwhile.
 """
 cimport cython
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
@@ -132,6 +150,29 @@ class QueueState:
     they cannot be re-read from the ring)."""
 
 
+def _check_state(state, fmt):
+    """Type and range checks shared by both from_state()s: ValueError, never
+    TypeError or OverflowError, for anything that came from outside."""
+    if not isinstance(state, QueueState):
+        raise ValueError(f"expected a QueueState, got {type(state).__name__}")
+    if state.format != fmt:
+        raise ValueError(f"state is for a {state.format!r} queue")
+    for f in ("size", "desc_addr", "driver_addr", "device_addr", "next_avail", "next_used"):
+        v = getattr(state, f)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{f}={v!r} is not a non-negative integer")
+    for f in ("desc_addr", "driver_addr", "device_addr"):
+        if getattr(state, f) >= 1 << 64:
+            raise ValueError(f"{f} does not fit in 64 bits")
+    if not 1 <= state.size <= VIRTQ_MAX_SIZE:
+        raise ValueError(f"queue size {state.size} outside [1, 32768]")
+    if not isinstance(state.inflight, (tuple, list)):
+        raise ValueError("inflight must be a sequence of (buffer_id, descriptors) pairs")
+    for item in state.inflight:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"inflight entry {item!r} is not a (buffer_id, descriptors) pair")
+
+
 # ---- error codes of the nogil walks -------------------------------------
 
 cdef enum:
@@ -203,7 +244,11 @@ cdef class DescriptorChain:
     """One chain popped by the device: ``head`` (split: head descriptor
     index, packed: buffer id), readable segments then writable segments, all
     validated at pop time.  Views are zero-copy windows of the peer's buffers.
-    Hand ``head`` back with ``add_used(head, written)``."""
+    Hand ``head`` back with ``add_used(head, written)``.
+
+    The views use plain (byte-wide, possibly wide) CPU accesses: for a
+    window in device memory (Region.memtype MEM_DEVICE) use read() and
+    write(), which copy with the aligned word accesses such memory needs."""
 
     def __cinit__(self):
         self._segs = NULL
@@ -316,12 +361,19 @@ cdef DescriptorChain _make_chain(AddressSpace a, int head, vq_seg *src, int n, i
 
 
 cdef class ChainBatch:
-    """Preallocated output of ``pop_batch``: no Python object per chain.
+    """Preallocated chains for the batch APIs: numpy arrays whose buffers
+    are acquired once, so a batch call costs no Python object per chain and
+    no buffer acquisition per call.
 
-    After ``n = q.pop_batch(b)``: chain ``i`` has id ``heads[i]`` and
+    Device: after ``n = q.pop_batch(b)`` chain ``i`` has id ``heads[i]`` and
     segments ``seg_start[i]:seg_start[i+1]`` of ``addr`` / ``length`` /
     ``writable`` (readable ones first) / ``offset`` + ``window`` (offset inside
-    ``aspace.windows[window]``'s region, for numpy views of the region)."""
+    ``aspace.windows[window]``'s region, for numpy views of the region); fill
+    ``used_len[:n]`` and call ``q.add_used_batch(b)``.
+
+    Driver: fill ``seg_start[:n+1]``, the segment arrays and ``tokens[:n]``,
+    set ``count = n`` and call ``d.add_batch(b)``; ``d.get_used_batch(b)``
+    fills ``tokens`` and ``used_len`` and sets ``count``."""
 
     def __init__(self, int max_chains=256, max_segments=None):
         if max_chains <= 0:
@@ -337,6 +389,10 @@ cdef class ChainBatch:
         self.writable = np.zeros(self.max_segments, np.uint8)
         self.offset = np.zeros(self.max_segments, np.uint64)
         self.window = np.zeros(self.max_segments, np.uint16)
+        self.tokens = np.zeros(max_chains, np.uint64)
+        self.used_len = np.zeros(max_chains, np.uint32)
+        self._tokens = self.tokens
+        self._used_len = self.used_len
         self._heads = self.heads
         self._seg_start = self.seg_start
         self._addr = self.addr
@@ -533,8 +589,9 @@ cdef class SplitQueue(_Virtqueue):
     @staticmethod
     def from_state(AddressSpace aspace not None, state):
         """Rebuild from (untrusted) QueueState; ValueError if inconsistent."""
-        if state.format != SPLIT:
-            raise ValueError(f"state is for a {state.format!r} queue")
+        _check_state(state, SPLIT)
+        if state.inflight:
+            raise ValueError("split queue state carries no in-flight list")
         for f in ("next_avail", "next_used"):
             v = getattr(state, f)
             if not isinstance(v, int) or not 0 <= v <= 0xFFFF:
@@ -696,7 +753,7 @@ cdef class SplitQueue(_Virtqueue):
             self.broken_reason = _MESSAGES.get(self._err, "corrupted ring").format(e1=self._e1, e2=self._e2)
         return batch.count
 
-    def add_used(self, unsigned head, uint32_t length):
+    def add_used(self, unsigned head, uint32_t length, /):
         """Return chain ``head`` with ``length`` bytes written to its writable part."""
         self._ready()
         if head >= self.size:
@@ -708,24 +765,44 @@ cdef class SplitQueue(_Virtqueue):
         # used.idx before it reads the used element).
         vm_store16(self._dev + VIRTQ_USED_OFF_IDX, self._next_used, VM_RELEASE)
 
-    def add_used_batch(self, const uint16_t[::1] heads, const uint32_t[::1] lengths, int count=-1):
-        """Return ``count`` chains (default all of ``heads``) with one publish."""
+    def add_used_batch(self, heads, lengths=None, int count=-1):
+        """Return ``count`` chains with one publish: ``heads``/``lengths``
+        arrays (uint16 / uint32; default count: all), or a ChainBatch
+        (``heads`` and ``used_len``; default count: ``batch.count``)."""
         self._ready()
-        cdef int n = heads.shape[0] if count < 0 else count
-        cdef int i
-        if n > heads.shape[0] or n > lengths.shape[0]:
-            raise ValueError("count larger than the arrays")
+        cdef const uint16_t[::1] hv
+        cdef const uint32_t[::1] lv
+        cdef const uint16_t *h
+        cdef const uint32_t *l
+        cdef ChainBatch b
+        cdef int n, i
+        if isinstance(heads, ChainBatch):
+            b = <ChainBatch>heads
+            n = b.count if count < 0 else count
+            if n > b.max_chains:
+                raise ValueError("count larger than the batch")
+            h = &b._heads[0]
+            l = &b._used_len[0]
+        else:
+            hv = heads
+            lv = lengths
+            n = hv.shape[0] if count < 0 else count
+            if n > hv.shape[0] or n > lv.shape[0]:
+                raise ValueError("count larger than the arrays")
+            if n == 0:
+                return 0
+            h = &hv[0]
+            l = &lv[0]
         if n > <uint16_t>(self._next_avail - self._next_used):
             raise LocalProtocolError(f"add_used_batch of {n} chains but only "
                                      f"{<uint16_t>(self._next_avail - self._next_used)} popped")
         for i in range(n):
-            if heads[i] >= self.size:
-                raise ValueError(f"head {heads[i]} outside queue of size {self.size}")
-        with nogil:
-            for i in range(n):
-                self._put_used(heads[i], lengths[i])
-            # R2: release used.idx; pairs with A2 (driver's acquire load).
-            vm_store16(self._dev + VIRTQ_USED_OFF_IDX, self._next_used, VM_RELEASE)
+            if h[i] >= self.size:
+                raise ValueError(f"head {h[i]} outside queue of size {self.size}")
+        for i in range(n):
+            self._put_used(h[i], l[i])
+        # R2: release used.idx; pairs with A2 (driver's acquire load).
+        vm_store16(self._dev + VIRTQ_USED_OFF_IDX, self._next_used, VM_RELEASE)
         return n
 
     def has_available(self):
@@ -835,8 +912,7 @@ cdef class PackedQueue(_Virtqueue):
     @staticmethod
     def from_state(AddressSpace aspace not None, state):
         """Rebuild from (untrusted) QueueState; ValueError if inconsistent."""
-        if state.format != PACKED:
-            raise ValueError(f"state is for a {state.format!r} queue")
+        _check_state(state, PACKED)
         for f in ("next_avail", "next_used"):
             v = getattr(state, f)
             if not isinstance(v, int) or not 0 <= v < state.size:
@@ -875,6 +951,10 @@ cdef class PackedQueue(_Virtqueue):
         q._used_wrap = bool(state.used_wrap)
         q._signalled_valid = su is not None
         q._signalled_used = su or 0
+        # how far used moved since that signal is not in the state (it may
+        # be a full lap): answer the next needs_notification() with True.  A
+        # spurious interrupt is harmless, a lost one is not.
+        q._used_since = q.size if su is not None else 0
         for bid, nd in state.inflight:
             q._ndesc[bid] = nd
         q._outstanding = span
@@ -1054,29 +1134,48 @@ cdef class PackedQueue(_Virtqueue):
             self.broken_reason = _MESSAGES.get(self._err, "corrupted ring").format(e1=self._e1, e2=self._e2)
         return batch.count
 
-    def add_used(self, unsigned head, uint32_t length):
+    def add_used(self, unsigned head, uint32_t length, /):
         """Return buffer ``head`` (its id) with ``length`` bytes written."""
         self._ready()
         if head >= self.size or self._put_used(head, length) < 0:
             raise LocalProtocolError(f"buffer id {head} is not in flight")
 
-    def add_used_batch(self, const uint16_t[::1] heads, const uint32_t[::1] lengths, int count=-1):
-        """Return ``count`` chains (default all).  Each used descriptor is
-        published with its own release store (the driver walks them in
-        order).  LocalProtocolError at the first id not in flight (the ones
-        before it are already returned)."""
+    def add_used_batch(self, heads, lengths=None, int count=-1):
+        """Return ``count`` chains (arrays or a ChainBatch, as for
+        SplitQueue.add_used_batch).  Each used descriptor is published with
+        its own release store (the driver walks them in order).
+        LocalProtocolError at the first id not in flight (the ones before it
+        are already returned)."""
         self._ready()
-        cdef int n = heads.shape[0] if count < 0 else count
-        cdef int i, bad = -1
-        if n > heads.shape[0] or n > lengths.shape[0]:
-            raise ValueError("count larger than the arrays")
-        with nogil:
-            for i in range(n):
-                if heads[i] >= self.size or self._put_used(heads[i], lengths[i]) < 0:
-                    bad = i
-                    break
+        cdef const uint16_t[::1] hv
+        cdef const uint32_t[::1] lv
+        cdef const uint16_t *h
+        cdef const uint32_t *l
+        cdef ChainBatch b
+        cdef int n, i, bad = -1
+        if isinstance(heads, ChainBatch):
+            b = <ChainBatch>heads
+            n = b.count if count < 0 else count
+            if n > b.max_chains:
+                raise ValueError("count larger than the batch")
+            h = &b._heads[0]
+            l = &b._used_len[0]
+        else:
+            hv = heads
+            lv = lengths
+            n = hv.shape[0] if count < 0 else count
+            if n > hv.shape[0] or n > lv.shape[0]:
+                raise ValueError("count larger than the arrays")
+            if n == 0:
+                return 0
+            h = &hv[0]
+            l = &lv[0]
+        for i in range(n):
+            if h[i] >= self.size or self._put_used(h[i], l[i]) < 0:
+                bad = i
+                break
         if bad >= 0:
-            raise LocalProtocolError(f"buffer id {heads[bad]} is not in flight")
+            raise LocalProtocolError(f"buffer id {h[bad]} is not in flight")
         return n
 
     def has_available(self):
@@ -1329,52 +1428,93 @@ cdef class _Driver(_Virtqueue):
         self._publish()
         return True
 
-    def add_batch(self, const uint64_t[::1] addr, const uint32_t[::1] length,
-                  const uint8_t[::1] writable, const uint64_t[::1] tokens, nseg=None):
-        """Burst add: chain ``i`` takes the next ``nseg[i]`` (default 1)
-        segments of addr/length/writable (readable ones first) and integer
-        token ``tokens[i]``.  Returns the number of chains added."""
-        self._ready()
-        cdef const uint16_t[::1] ns
-        cdef bint have_ns = nseg is not None
-        if have_ns:
-            ns = nseg
-            if ns.shape[0] < tokens.shape[0]:
-                raise ValueError("nseg shorter than tokens")
-        cdef int c, j = 0, k, s, nout, id, done = 0, bad = 0
-        cdef int nchains = tokens.shape[0], nsegs = addr.shape[0]
+    cdef int _add_many(self, const uint64_t *addr, const uint32_t *length, const uint8_t *writable,
+                       const uint64_t *tokens, const uint16_t *nseg, const uint32_t *seg_start,
+                       int nchains, int nsegs, int *bad) noexcept nogil:
+        """Add chains until one does not fit; publish once.  Chain c's
+        segments: seg_start[c]:seg_start[c+1] if given, else the next nseg[c]
+        (or 1) segments.  bad: 1 shape, 2 order, 3 length."""
+        cdef int c, j = 0, k, s, nout, id, done = 0
         cdef uint64_t tin
-        if length.shape[0] < nsegs or writable.shape[0] < nsegs:
-            raise ValueError("addr, length and writable differ in length")
-        with nogil:
-            for c in range(nchains):
-                k = ns[c] if have_ns else 1
-                if k == 0 or k > <int>self.size or j + k > nsegs:
-                    bad = 1
-                    break
-                nout = 0
-                tin = 0
-                for s in range(k):
-                    self._sg_addr[s] = addr[j + s]
-                    self._sg_len[s] = length[j + s]
-                    if writable[j + s]:
-                        tin += length[j + s]
-                    elif nout == s:
-                        nout += 1
-                    else:
-                        bad = 2
-                if bad or tin > U32_MAX:
-                    bad = bad or 3
-                    break
-                id = self._add(k, nout)
-                if id < 0:
-                    break
-                self._tok_int[id] = tokens[c]
-                self._tok_kind[id] = 1
-                j += k
-                done += 1
-            if done:
-                self._publish()
+        for c in range(nchains):
+            if seg_start != NULL:
+                j = seg_start[c]
+                k = <int>seg_start[c + 1] - j
+            else:
+                k = nseg[c] if nseg != NULL else 1
+            if k <= 0 or k > <int>self.size or j + k > nsegs:
+                bad[0] = 1
+                break
+            nout = 0
+            tin = 0
+            for s in range(k):
+                self._sg_addr[s] = addr[j + s]
+                self._sg_len[s] = length[j + s]
+                if writable[j + s]:
+                    tin += length[j + s]
+                elif nout == s:
+                    nout += 1
+                else:
+                    bad[0] = 2
+            if bad[0]:
+                break
+            if tin > U32_MAX:
+                bad[0] = 3
+                break
+            id = self._add(k, nout)
+            if id < 0:
+                break
+            self._tok_int[id] = tokens[c]
+            self._tok_kind[id] = 1
+            j += k
+            done += 1
+        if done:
+            self._publish()
+        return done
+
+    def add_batch(self, addr, length=None, writable=None, tokens=None, nseg=None):
+        """Burst add, returns the number of chains added (as many as fit).
+
+        Either a ChainBatch (``count`` chains described by ``seg_start``,
+        ``addr``, ``length``, ``writable``, ``tokens``: the fast path), or
+        arrays: chain ``i`` takes the next ``nseg[i]`` (default 1) segments of
+        addr/length/writable (readable ones first) and integer token
+        ``tokens[i]``."""
+        self._ready()
+        cdef ChainBatch b
+        cdef const uint64_t[::1] av
+        cdef const uint32_t[::1] lv
+        cdef const uint8_t[::1] wv
+        cdef const uint64_t[::1] tv
+        cdef const uint16_t[::1] ns
+        cdef int bad = 0, done, nchains, nsegs
+        if isinstance(addr, ChainBatch):
+            b = <ChainBatch>addr
+            nchains = b.count
+            if nchains <= 0:
+                return 0
+            if nchains > b.max_chains:
+                raise ValueError("batch count larger than the batch")
+            done = self._add_many(&b._addr[0], &b._length[0], &b._writable[0], &b._tokens[0],
+                                  NULL, &b._seg_start[0], nchains, b.max_segments, &bad)
+        else:
+            av = addr
+            lv = length
+            wv = writable
+            tv = tokens
+            nchains = tv.shape[0]
+            nsegs = av.shape[0]
+            if lv.shape[0] < nsegs or wv.shape[0] < nsegs:
+                raise ValueError("addr, length and writable differ in length")
+            if nchains == 0 or nsegs == 0:
+                return 0
+            if nseg is not None:
+                ns = nseg
+                if ns.shape[0] < nchains:
+                    raise ValueError("nseg shorter than tokens")
+                done = self._add_many(&av[0], &lv[0], &wv[0], &tv[0], &ns[0], NULL, nchains, nsegs, &bad)
+            else:
+                done = self._add_many(&av[0], &lv[0], &wv[0], &tv[0], NULL, NULL, nchains, nsegs, &bad)
         if bad == 1:
             raise ValueError(f"chain {done}: bad segment count (0, above the queue size, or past the arrays)")
         if bad == 2:
@@ -1398,26 +1538,45 @@ cdef class _Driver(_Virtqueue):
         self._after_get()
         return tok, ln
 
-    def get_used_batch(self, uint64_t[::1] tokens, uint32_t[::1] lengths):
-        """Burst: fill integer tokens and lengths of used chains; returns the
-        count.  Stops before a chain whose token is not an integer (fetch
-        that one with get_used())."""
-        self._ready()
-        cdef int n = 0, r = 0, cap = min(tokens.shape[0], lengths.shape[0])
+    cdef int _get_many(self, uint64_t *tokens, uint32_t *lengths, int cap, int *r) noexcept nogil:
+        cdef int n = 0
         cdef unsigned id
         cdef uint32_t ln
-        with nogil:
-            while n < cap:
-                r = self._peek_used(&id, &ln)
-                if r <= 0 or self._tok_kind[id] != 1:
-                    break
-                tokens[n] = self._tok_int[id]
-                lengths[n] = ln
-                self._tok_kind[id] = 0
-                self._consume(id)
-                n += 1
-            if n:
-                self._after_get()
+        r[0] = 0
+        while n < cap:
+            r[0] = self._peek_used(&id, &ln)
+            if r[0] <= 0 or self._tok_kind[id] != 1:
+                break
+            tokens[n] = self._tok_int[id]
+            lengths[n] = ln
+            self._tok_kind[id] = 0
+            self._consume(id)
+            n += 1
+        if n:
+            self._after_get()
+        return n
+
+    def get_used_batch(self, tokens, lengths=None):
+        """Burst: integer tokens and lengths of used chains into ``tokens`` /
+        ``lengths`` arrays, or into a ChainBatch's ``tokens`` / ``used_len``
+        (then ``batch.count`` is set too).  Returns the count.  Stops before a
+        chain whose token is not an integer (fetch that one with get_used())."""
+        self._ready()
+        cdef ChainBatch b = None
+        cdef uint64_t[::1] tv
+        cdef uint32_t[::1] lv
+        cdef int n, r = 0
+        if isinstance(tokens, ChainBatch):
+            b = <ChainBatch>tokens
+            n = self._get_many(&b._tokens[0], &b._used_len[0], b.max_chains, &r)
+            b.count = n
+        else:
+            tv = tokens
+            lv = lengths
+            n = min(tv.shape[0], lv.shape[0])
+            if n == 0:
+                return 0
+            n = self._get_many(&tv[0], &lv[0], n, &r)
         if r < 0:
             if n == 0:
                 self._fail()
@@ -1484,6 +1643,12 @@ cdef class SplitQueueDriver(_Driver):
     @property
     def avail_idx(self):
         return self._avail_idx
+
+    @property
+    def next_offset_wrap(self):
+        """virtio-msg EVENT_AVAIL ``next_offset_wrap`` (notification data):
+        split ring: low 15 bits of avail.idx, wrap = bit 15, wrap in bit 31."""
+        return ((<uint32_t>(self._avail_idx >> 15)) << 31) | (self._avail_idx & 0x7FFF)
 
     @property
     def last_used(self):
@@ -1670,6 +1835,13 @@ cdef class PackedQueueDriver(_Driver):
     @property
     def avail_wrap(self):
         return self._avail_wrap
+
+    @property
+    def next_offset_wrap(self):
+        """virtio-msg EVENT_AVAIL ``next_offset_wrap`` (notification data):
+        packed ring: the offset the next descriptor goes to, wrap counter in
+        bit 31."""
+        return ((<uint32_t>self._avail_wrap) << 31) | self._next_avail
 
     @property
     def last_used(self):
