@@ -20,18 +20,21 @@ GDI_RESP = "01020000050020000100000051454d55400000000c0000000300000000000000"
 QEMU_GET_DEVICES = "03:02:00:00:00:00:12:00:00:00:20:00:20:00:01:00:00:00"
 
 
+def jsonl(out: str) -> list[dict]:
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
 def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     rc = main(["decode", *argv])
     out, err = capsys.readouterr()
     return rc, out, err
 
 
-def test_json_one_object_with_every_key(capsys: pytest.CaptureFixture[str]) -> None:
+def test_json_one_object_per_message_with_every_key(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run_main(capsys, GDI_REQ, GDI_RESP, QEMU_GET_DEVICES, "--json")
     assert rc == 0 and err == ""
-    doc = json.loads(out)
-    assert list(doc) == ["messages"]
-    msgs = doc["messages"]
+    assert len(out.splitlines()) == 3
+    msgs = jsonl(out)
     assert [set(m) for m in msgs] == [KEYS] * 3
     assert msgs[0] == {"kind": "transport", "response": False, "msg_id": 2, "name": "GET_DEVICE_INFO",
                        "dev_num": 0, "token": 5, "msg_size": 8, "payload": {}}
@@ -43,7 +46,7 @@ def test_json_one_object_with_every_key(capsys: pytest.CaptureFixture[str]) -> N
 def test_malformed_entry_and_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, err = run_main(capsys, "--json", GDI_REQ, "00 02 00", "zz", "0099000001000800")
     assert rc == 1
-    msgs = json.loads(out)["messages"]
+    msgs = jsonl(out)
     assert set(msgs[0]) == KEYS
     for m in msgs[1:]:
         assert set(m) == {"hex", "error"} and m["error"]
@@ -64,11 +67,11 @@ def test_human_output(capsys: pytest.CaptureFixture[str]) -> None:
 def test_g1_profile(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run_main(capsys, "--profile", "g1", "--json", "00 02 00 00 06 00")
     assert rc == 0
-    [m] = json.loads(out)["messages"]
+    [m] = jsonl(out)
     assert m["name"] == "GET_DEVICE_INFO" and m["msg_size"] == 6 and m["token"] == 0
     # The same bytes are too short for a g2 header.
     rc, out, _ = run_main(capsys, "--json", "00 02 00 00 06 00")
-    assert rc == 1 and "error" in json.loads(out)["messages"][0]
+    assert rc == 1 and "error" in json.loads(out)
 
 
 def test_max_size_option(capsys: pytest.CaptureFixture[str]) -> None:
@@ -83,7 +86,7 @@ def test_every_golden_vector_decodes(capsys: pytest.CaptureFixture[str]) -> None
     vectors = json.loads(VECTORS.read_text())["messages"]
     rc, out, _ = run_main(capsys, "--json", *[v["hex"] for v in vectors])
     assert rc == 0
-    for got, vec in zip(json.loads(out)["messages"], vectors, strict=True):
+    for got, vec in zip(jsonl(out), vectors, strict=True):
         assert got["name"] == vec["name"] and got["payload"] == vec["fields"]
         assert got["kind"] == ("bus" if vec["bus"] else "transport")
 
@@ -98,7 +101,7 @@ def _run_subprocess(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_subprocess_json() -> None:
     proc = _run_subprocess("--json", GDI_REQ, QEMU_GET_DEVICES)
     assert proc.returncode == 0, proc.stderr
-    msgs = json.loads(proc.stdout)["messages"]
+    msgs = jsonl(proc.stdout)
     assert [m["name"] for m in msgs] == ["GET_DEVICE_INFO", "GET_DEVICES"]
     assert all(set(m) == KEYS for m in msgs)
 

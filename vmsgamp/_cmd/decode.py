@@ -27,7 +27,8 @@ def register(subparsers: Any) -> None:
                    help="header generation: g2 = 8-byte header with token (default), g1 = 6-byte header")
     p.add_argument("--max-size", type=int, default=SLOT_SIZE, metavar="BYTES",
                    help=f"largest msg_size accepted (default {SLOT_SIZE}, the slot size; QEMU uses 48)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per message, one per line")
     p.set_defaults(func=run)
 
 
@@ -84,7 +85,10 @@ def run(args: argparse.Namespace) -> int:
     entries = [decode_one(text, args.profile, args.max_size) for text in args.hex]
     failed = [(i, e) for i, e in enumerate(entries) if "error" in e]
     if args.json:
-        print(json.dumps({"messages": entries}))
+        # One object per message, one per line (JSON Lines): a single message
+        # is exactly one JSON object.
+        for entry in entries:
+            print(json.dumps(entry))
     else:
         for i, entry in enumerate(entries):
             print(format_line(i, entry))
