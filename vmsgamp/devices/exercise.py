@@ -39,7 +39,9 @@ def rng(drv: AmpDriver, dev_num: int, *, duration: float = 0.5, request: int = 4
         end = t0 + duration
         while True:
             if not dev.wait_used(0, 5):
-                raise TimeoutError(f"rng device {dev_num}: no entropy within 5 s")
+                raise TimeoutError(f"rng device {dev_num}: no entropy within 5 s "
+                                   f"({requests} requests done, {q.in_flight} in flight, {q!r})")
+            added = False
             while (used := q.get_used()) is not None:
                 token, ln = used
                 total += ln
@@ -48,11 +50,11 @@ def rng(drv: AmpDriver, dev_num: int, *, duration: float = 0.5, request: int = 4
                     sample = bytes(bufs[token][1][:16])
                 if time.perf_counter() < end:
                     q.add([], [(bufs[token][0], request)], token=token)
-            if time.perf_counter() >= end:
-                if q.in_flight == 0:
-                    break
-            else:
-                dev.notify(0)
+                    added = True
+            if added:
+                dev.notify(0)   # every buffer added must be kicked, deadline or not
+            elif q.in_flight == 0:
+                break
         secs = time.perf_counter() - t0
         return {"bytes": total, "requests": requests, "seconds": secs,
                 "mb_per_s": total / secs / 1e6, "sample": sample.hex(), "packed": dev.packed}
