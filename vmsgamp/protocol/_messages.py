@@ -255,55 +255,49 @@ class GetConfigRequest(Message):
     length: int
 
 
+class _ConfigData:
+    """Shared by the two messages that carry ``{generation, offset, length,
+    data[length]}``."""
+
+    _FMT = "<III"
+    _FIELDS = ("generation", "offset", "length")
+    _DESCRIBE = ("generation", "offset", "length", "data")
+    data: bytes
+    NAME: ClassVar[str]
+
+    @property
+    def length(self) -> int:
+        return len(self.data)
+
+    def _tail(self) -> bytes:
+        return bytes(self.data)
+
+    @classmethod
+    def _build(cls, values: dict[str, Any], tail: bytes, header: dict[str, int]) -> Any:
+        data = _take(tail, values["length"], cls.NAME)
+        return cls(generation=values["generation"], offset=values["offset"], data=data,  # type: ignore[call-arg]
+                   **header)
+
+
 @dataclass(frozen=True, kw_only=True)
-class GetConfigResponse(Message):
+class GetConfigResponse(_ConfigData, Message):
     MSG_ID = TransportMsgId.GET_CONFIG
     NAME = "GET_CONFIG"
     IS_RESPONSE = True
-    _FMT = "<III"
-    _FIELDS = ("generation", "offset", "length")
-    _DESCRIBE = ("generation", "offset", "length", "data")
 
     generation: int
     offset: int
     data: bytes = b""
-
-    @property
-    def length(self) -> int:
-        return len(self.data)
-
-    def _tail(self) -> bytes:
-        return bytes(self.data)
-
-    @classmethod
-    def _build(cls, values: dict[str, Any], tail: bytes, header: dict[str, int]) -> Message:
-        data = _take(tail, values["length"], cls.NAME)
-        return cls(generation=values["generation"], offset=values["offset"], data=data, **header)
 
 
 @dataclass(frozen=True, kw_only=True)
-class SetConfigRequest(Message):
+class SetConfigRequest(_ConfigData, Message):
     MSG_ID = TransportMsgId.SET_CONFIG
     NAME = "SET_CONFIG"
-    _FMT = "<III"
-    _FIELDS = ("generation", "offset", "length")
-    _DESCRIBE = ("generation", "offset", "length", "data")
 
     generation: int
     offset: int
     data: bytes = b""
-
-    @property
-    def length(self) -> int:
-        return len(self.data)
-
-    def _tail(self) -> bytes:
-        return bytes(self.data)
-
-    @classmethod
-    def _build(cls, values: dict[str, Any], tail: bytes, header: dict[str, int]) -> Message:
-        data = _take(tail, values["length"], cls.NAME)
-        return cls(generation=values["generation"], offset=values["offset"], data=data, **header)
 
 
 @dataclass(frozen=True, kw_only=True)
