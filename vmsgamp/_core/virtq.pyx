@@ -468,6 +468,33 @@ cdef class _Virtqueue:
             raise MemoryError()
         return 0
 
+    cdef int _used_batch_args(self, heads, lengths, int count, const uint16_t **h,
+                              const uint32_t **l) except -1:
+        """Unpack add_used_batch arguments (a ChainBatch, or head and length
+        arrays) into pointers; returns the count.  The pointers stay valid
+        while the caller holds ``heads``/``lengths``."""
+        cdef const uint16_t[::1] hv
+        cdef const uint32_t[::1] lv
+        cdef ChainBatch b
+        cdef int n
+        if isinstance(heads, ChainBatch):
+            b = <ChainBatch>heads
+            n = b.count if count < 0 else count
+            if n > b.max_chains:
+                raise ValueError("count larger than the batch")
+            h[0] = &b._heads[0]
+            l[0] = &b._used_len[0]
+            return n
+        hv = heads
+        lv = lengths
+        n = hv.shape[0] if count < 0 else count
+        if n > hv.shape[0] or n > lv.shape[0]:
+            raise ValueError("count larger than the arrays")
+        if n:
+            h[0] = &hv[0]
+            l[0] = &lv[0]
+        return n
+
     cdef int _ready(self) except -1:
         if self.broken:
             raise QueueBrokenError(self.broken_reason)
@@ -770,29 +797,12 @@ cdef class SplitQueue(_Virtqueue):
         arrays (uint16 / uint32; default count: all), or a ChainBatch
         (``heads`` and ``used_len``; default count: ``batch.count``)."""
         self._ready()
-        cdef const uint16_t[::1] hv
-        cdef const uint32_t[::1] lv
-        cdef const uint16_t *h
-        cdef const uint32_t *l
-        cdef ChainBatch b
-        cdef int n, i
-        if isinstance(heads, ChainBatch):
-            b = <ChainBatch>heads
-            n = b.count if count < 0 else count
-            if n > b.max_chains:
-                raise ValueError("count larger than the batch")
-            h = &b._heads[0]
-            l = &b._used_len[0]
-        else:
-            hv = heads
-            lv = lengths
-            n = hv.shape[0] if count < 0 else count
-            if n > hv.shape[0] or n > lv.shape[0]:
-                raise ValueError("count larger than the arrays")
-            if n == 0:
-                return 0
-            h = &hv[0]
-            l = &lv[0]
+        cdef const uint16_t *h = NULL
+        cdef const uint32_t *l = NULL
+        cdef int i
+        cdef int n = self._used_batch_args(heads, lengths, count, &h, &l)
+        if n == 0:
+            return 0
         if n > <uint16_t>(self._next_avail - self._next_used):
             raise LocalProtocolError(f"add_used_batch of {n} chains but only "
                                      f"{<uint16_t>(self._next_avail - self._next_used)} popped")
@@ -1147,29 +1157,12 @@ cdef class PackedQueue(_Virtqueue):
         LocalProtocolError at the first id not in flight (the ones before it
         are already returned)."""
         self._ready()
-        cdef const uint16_t[::1] hv
-        cdef const uint32_t[::1] lv
-        cdef const uint16_t *h
-        cdef const uint32_t *l
-        cdef ChainBatch b
-        cdef int n, i, bad = -1
-        if isinstance(heads, ChainBatch):
-            b = <ChainBatch>heads
-            n = b.count if count < 0 else count
-            if n > b.max_chains:
-                raise ValueError("count larger than the batch")
-            h = &b._heads[0]
-            l = &b._used_len[0]
-        else:
-            hv = heads
-            lv = lengths
-            n = hv.shape[0] if count < 0 else count
-            if n > hv.shape[0] or n > lv.shape[0]:
-                raise ValueError("count larger than the arrays")
-            if n == 0:
-                return 0
-            h = &hv[0]
-            l = &lv[0]
+        cdef const uint16_t *h = NULL
+        cdef const uint32_t *l = NULL
+        cdef int i, bad = -1
+        cdef int n = self._used_batch_args(heads, lengths, count, &h, &l)
+        if n == 0:
+            return 0
         for i in range(n):
             if h[i] >= self.size or self._put_used(h[i], l[i]) < 0:
                 bad = i
