@@ -110,3 +110,23 @@ def test_parse_device_list_errors():
         parse_device_list("toaster")
     with pytest.raises(ValueError, match="options: source"):
         parse_device_list("rng:colour=red")
+
+
+def test_async_driver_api():
+    import asyncio
+
+    from vmsgamp.bus import AsyncDriver
+
+    async def main(drv):
+        adrv = AsyncDriver(drv)
+        assert await adrv.enumerate() == [0]
+        stats, dev = await asyncio.gather(adrv.ping(3), adrv.open(0))
+        assert stats["count"] == 3
+        addr, view = dev.alloc(16)
+        dev.queues[0].add([], [(addr, 16)])
+        dev.notify(0)
+        assert await adrv.wait_used(dev, 0, 5)
+        return dev.queues[0].get_used()[1]
+
+    with amp_pair(lambda: [RngDevice()]) as drv:
+        assert asyncio.run(main(drv)) == 16
