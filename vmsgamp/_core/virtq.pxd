@@ -119,6 +119,7 @@ cdef class _Virtqueue:
     cdef int _map_areas(self, uint64_t dsz, uint64_t dal, uint64_t drsz, uint64_t dral,
                         uint64_t dvsz, uint64_t dval, bint device_side) except -1
     cdef int _ready(self) except -1
+    cdef int _batch_result(self, int err, int k, ChainBatch batch) except -1
     cdef int _used_batch_args(self, heads, lengths, int count, const uint16_t **h,
                               const uint32_t **l) except -1
     cdef int _fail(self) except -1

@@ -495,6 +495,19 @@ cdef class _Virtqueue:
             l[0] = &lv[0]
         return n
 
+    cdef int _batch_result(self, int err, int k, ChainBatch batch) except -1:
+        """End of pop_batch: an oversized chain is the caller's error; a
+        corrupted ring raises only when nothing was popped, else the chains
+        popped so far are returned and the queue is marked broken."""
+        if err == 2:
+            raise ValueError(f"chain of {k} segments does not fit in a batch of {batch.max_segments}")
+        if err:
+            if batch.count == 0:
+                self._fail()
+            self.broken = True
+            self.broken_reason = _MESSAGES.get(self._err, "corrupted ring").format(e1=self._e1, e2=self._e2)
+        return batch.count
+
     cdef int _ready(self) except -1:
         if self.broken:
             raise QueueBrokenError(self.broken_reason)
@@ -771,14 +784,7 @@ cdef class SplitQueue(_Virtqueue):
                     self._next_avail += 1
         finally:
             self._as.leave()
-        if err == 2:
-            raise ValueError(f"chain of {k} segments does not fit in a batch of {batch.max_segments}")
-        if err:
-            if batch.count == 0:
-                self._fail()
-            self.broken = True
-            self.broken_reason = _MESSAGES.get(self._err, "corrupted ring").format(e1=self._e1, e2=self._e2)
-        return batch.count
+        return self._batch_result(err, k, batch)
 
     def add_used(self, unsigned head, uint32_t length, /):
         """Return chain ``head`` with ``length`` bytes written to its writable part."""
@@ -1135,14 +1141,7 @@ cdef class PackedQueue(_Virtqueue):
                     self._advance()
         finally:
             self._as.leave()
-        if err == 2:
-            raise ValueError(f"chain of {k} segments does not fit in a batch of {batch.max_segments}")
-        if err:
-            if batch.count == 0:
-                self._fail()
-            self.broken = True
-            self.broken_reason = _MESSAGES.get(self._err, "corrupted ring").format(e1=self._e1, e2=self._e2)
-        return batch.count
+        return self._batch_result(err, k, batch)
 
     def add_used(self, unsigned head, uint32_t length, /):
         """Return buffer ``head`` (its id) with ``length`` bytes written."""
