@@ -428,7 +428,7 @@ class UserApiServer:
     def _write(self, data: bytes, *, response: bool) -> None:
         try:
             self.carrier.write_message(data)
-        except (OSError, ValueError) as e:
+        except Exception as e:  # not only OSError: a broken node object must not end the loop
             self.stats["write_errors"] += 1
             log.critical("write to %s failed (%s): %s", self.carrier.msg_path, e,
                          "the kernel transfer stays unanswered" if response else "EVENT_USED lost")

@@ -72,7 +72,10 @@ _DT_NAME_RE = re.compile(r"virtio[-_]?msg|vmsg[-_]?lb", re.IGNORECASE)
 
 class VmsgLbError(OSError):
     """The loopback bus cannot be used as asked; the message says why and
-    what to do."""
+    what to do (``errno`` is the kernel's)."""
+
+    def __str__(self) -> str:
+        return self.strerror or super().__str__()
 
 
 def proc_root(override: str | os.PathLike[str] | None = None) -> str:

@@ -354,7 +354,7 @@ class FakeUserApiKernel:
             return
         n = min(msg_size, MSG_SIZE, len(data))
         t.response[:n] = data[:n]
-        rtype, rmsg, rdev, rtoken, _ = HEADER.unpack_from(t.request)
+        rtype, rmsg, rdev, rtoken, _ = HEADER.unpack(t.request[:HEADER.size].ljust(HEADER.size, b"\0"))
         if token != rtoken:
             self.stats["token_warnings"] += 1
             self.log.append(f"WARNING: virtio-msg: response token {token} for a request with token {rtoken}")
@@ -375,6 +375,11 @@ class FakeUserApiKernel:
             self.log.append(f"virtio-msg user: short EVENT_USED ({msg_size} bytes) ignored")
             return
         (vq,) = struct.unpack_from("<I", data, 8)
+        t = self._current
+        if t is not None and t.request[1] == EVENT_AVAIL and t.request[0] & 3 == 0:
+            # Works, but the kicking kernel thread spins until the ack comes.
+            self.notes.append(f"EVENT_USED for dev_id {dev_id} written before the ack of the "
+                              f"pending EVENT_AVAIL")
         nq = len(dev.driver.queues) if dev.driver is not None else 0
         if vq >= nq:
             self.log.append(f"virtio-msg: EVENT_USED for unknown vq {vq} of dev_id {dev_id}")
