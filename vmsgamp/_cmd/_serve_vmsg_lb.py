@@ -187,7 +187,7 @@ def _remove_all(server: UserApiServer, ids: list[int], sigs: _Signals) -> list[i
         n = todo[0]
         call = server.begin_remove(n)
         if not call.wait(REMOVE_TIMEOUT):
-            _say(f"REMOVE of dev_id {n} has not returned after {REMOVE_TIMEOUT:.0f} s: the kernel's "
+            _say(f"REMOVE of dev_id {n} has not returned after {REMOVE_TIMEOUT:g} s: the kernel's "
                  f"remove path looks stuck (this kernel version can deadlock in REMOVE). Still "
                  f"answering; Ctrl-C again quits anyway, leaving dev_id "
                  f"{', '.join(map(str, todo))} on the bus")

@@ -396,11 +396,14 @@ class VmsgLbCarrier(Carrier):
         return self.nodes.fileno()
 
     def read_message(self) -> bytes | None:
-        """The pending kernel message, or None (EAGAIN: nothing pending)."""
+        """The pending kernel message, or None (EAGAIN: nothing pending).
+        An empty read is no message either: answering it would be a stray
+        response that shifts the bus."""
         try:
-            return self.nodes.read(READ_SIZE)
+            data = self.nodes.read(READ_SIZE)
         except BlockingIOError:
             return None
+        return data or None
 
     def write_message(self, data: bytes) -> None:
         if len(data) < HEADER.size:
@@ -448,24 +451,22 @@ def open_vmsg_lb(target: str, *, uri: str, msg: Any = None, base: Any = None, pa
     the real nodes (the fake kernel); ``proc`` moves /proc."""
     unsupported = sorted(k for k, v in common.items() if v is not None and k != "timeout")
     if unsupported:
+        if nodes is not None:
+            nodes.close()      # handed to us: ours to close, whatever happens
         raise ValueError(f"{uri}: option {', '.join(unsupported)} does not apply to vmsg-lb: (the "
                          f"region is the kernel's reserved memory, mapped whole at its base)")
+    if isinstance(nodes, str):
+        raise ValueError(f"{uri}: nodes= takes a node object from a program, not a URI value")
     droot = dev_root()
     control_path = target or os.path.join(droot, CONTROL_NODE)
     msg_path = str(msg) if msg else os.path.join(droot, MSG_NODE)
     if nodes is None:
         try:
-            os.stat(control_path)
-        except OSError as e:
-            raise explain_open_error(control_path, "control node", e) from None
-        try:
             nodes = open_nodes(control_path, msg_path)
         except OSError as e:
-            which = msg_path if os.path.exists(control_path) and not os.path.exists(msg_path) else control_path
-            what = "message node" if which == msg_path else "control node"
-            if isinstance(e, PermissionError):
-                which, what = control_path, "loopback nodes"
-            raise explain_open_error(which, what, e) from None
+            if e.filename == msg_path:
+                raise explain_open_error(msg_path, "message node", e) from None
+            raise explain_open_error(control_path, "control node", e) from None
     try:
         where = find_base(base, proc=proc)
         try:

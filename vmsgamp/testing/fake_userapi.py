@@ -46,6 +46,7 @@ and every message both ways in ``transcript``.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import struct
@@ -167,6 +168,7 @@ class FakeNodes:
         self.control_path = control_path
         self.msg_path = msg_path
         self.closed = False
+        self.number = next(kernel._open_numbers)
 
     def _live(self) -> FakeUserApiKernel:
         if self.closed:
@@ -192,7 +194,8 @@ class FakeNodes:
         return self._live()._map(offset, length, bus_base, uri)
 
     def holders(self) -> list[str]:
-        return [f"fake opener {i}" for i, n in enumerate(list(self.kernel._opens)) if n is not self]
+        return [f"fake opener {n.number}" for n in sorted(self.kernel._opens, key=lambda n: n.number)
+                if n is not self]
 
     def close(self) -> None:
         if not self.closed:
@@ -241,6 +244,7 @@ class FakeUserApiKernel:
         self._closed = False
         self._released = threading.Event()    # ends a deadlocked REMOVE at close()
         self._opens: set[FakeNodes] = set()
+        self._open_numbers = itertools.count()
         self._evfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._memfd = os.memfd_create("fake-virtio-msg-lb", os.MFD_CLOEXEC)
         os.ftruncate(self._memfd, size)
