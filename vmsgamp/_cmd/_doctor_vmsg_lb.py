@@ -14,7 +14,7 @@ from typing import Any
 from vmsgamp._cmd.doctor import FAIL, INFO, MISSING, OK, _check, _node_access
 from vmsgamp.carriers import open_carrier
 from vmsgamp.carriers.vmsg_lb import (
-    CONTROL_NODE, MSG_NODE, BaseNotFound, find_base, node_holders,
+    CONTROL_NODE, MSG_NODE, BaseNotFound, VmsgLbCarrier, find_base, node_holders,
 )
 
 
@@ -48,6 +48,7 @@ def check_vmsg_lb(checks: list[dict[str, Any]], uri: str, target: str, opts: dic
         return checks
     try:
         with open_carrier(uri) as c:
+            assert isinstance(c, VmsgLbCarrier)
             _check(checks, "region", OK, f"{c.size:#x} bytes mapped at base {c.base:#x}: the kernel "
                    f"offers memory for ACCESS_PLATFORM rings and buffers")
             if base is not None and base.size is not None and base.size != c.size:

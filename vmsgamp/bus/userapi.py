@@ -41,10 +41,12 @@ from typing import Any
 
 from vmsgamp._core.addrspace import AddressSpace
 from vmsgamp.bus._device_side import DeviceTransport, _absent_response
-from vmsgamp.carriers.vmsg_lb import HEADER, MSG_SIZE, VmsgLbCarrier
+from vmsgamp.carriers.vmsg_lb import HEADER, MSG_SIZE, VmsgLbCarrier, VmsgLbError
 from vmsgamp.devices._base import VirtioDevice
 from vmsgamp.errors import LocalProtocolError, RemoteProtocolError
-from vmsgamp.protocol import EventUsed, Message, TransportMsgId, decode, encode
+from vmsgamp.protocol import (
+    EventAvail, EventUsed, GetDeviceInfoResponse, Message, TransportMsgId, decode, encode,
+)
 
 log = logging.getLogger("vmsgamp.userapi")
 
@@ -125,6 +127,8 @@ class UserApiServer:
                  late_after: float = 0.5, watchdog_interval: float = 0.25,
                  on_late: Callable[[str], None] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        if carrier.region is None:
+            raise ValueError(f"{carrier.uri}: the carrier's region was detached or closed")
         self.carrier = carrier
         # One window: the reserved region at its base.  Rings or buffers
         # anywhere else are refused by AddressSpace, never followed.
@@ -144,6 +148,7 @@ class UserApiServer:
         self._outbox: list[Message] = []
         self._rescan: set[tuple[int, int]] = set()
         self._busy: _Busy | None = None
+        self._info_answered: dict[int, threading.Event] = {}   # ADDs in progress: their GET_DEVICE_INFO
         self._pending_seen: tuple[float, int] | None = None
         self._stop = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -226,11 +231,35 @@ class UserApiServer:
             t.offered |= 1 << VIRTIO_F_ACCESS_PLATFORM
             self.transports[dev_id] = t
 
+        answered = threading.Event()
+        self._info_answered[dev_id] = answered
+
+        def add() -> None:
+            try:
+                self.carrier.add_device(dev_id)
+            except OSError as e:
+                if e.errno == errno.ENODEV:
+                    self._diagnose_enodev(dev_id, answered)
+                raise
+
         def done(error: BaseException | None) -> None:
+            self._info_answered.pop(dev_id, None)
             if error is not None:
                 self._detach(dev_id, t)
 
-        return PendingCall(f"ADD of dev_id {dev_id}", lambda: self.carrier.add_device(dev_id), done)
+        return PendingCall(f"ADD of dev_id {dev_id}", add, done)
+
+    def _diagnose_enodev(self, dev_id: int, answered: threading.Event) -> None:
+        """ENODEV means the kernel read device_id 0.  If we answered its
+        GET_DEVICE_INFO with a real one, the kernel read someone else's
+        answer: a stray response has shifted the bus by one.  (The kernel
+        may fail ADD before we even read the message: wait for it a little.)"""
+        if answered.wait(1.0) and getattr(answered, "device_id", 0):
+            raise VmsgLbError(errno.ENODEV, f"ADD of dev_id {dev_id}: the kernel read device_id 0 although "
+                              f"we answered GET_DEVICE_INFO with device_id {answered.device_id}: the bus "
+                              f"is off by one (a stray response was written earlier, by a previous "
+                              f"device side or by one that answered a message twice). Nothing written "
+                              f"to the node can realign it: reload the loopback bus modules")
 
     def add_device(self, dev_id: int, device: VirtioDevice, timeout: float | None = None) -> None:
         """ADD and wait for it (raises what ADD raised, TimeoutError if it
@@ -362,10 +391,11 @@ class UserApiServer:
             except RemoteProtocolError as e:
                 self._malformed(raw, str(e))
                 return ack, None
-            if dev_id not in self.transports:
+            if dev_id not in self.transports or not isinstance(msg, EventAvail):
                 self.stats["unknown_device"] += 1
                 return ack, None
-            return ack, lambda: self._kick(dev_id, msg.vq_index)
+            vq = msg.vq_index
+            return ack, lambda: self._kick(dev_id, vq)
         try:
             msg = decode(raw, max_size=MSG_SIZE)
         except RemoteProtocolError as e:
@@ -388,6 +418,10 @@ class UserApiServer:
         else:
             try:
                 resp = t.handle(msg)
+                if isinstance(resp, GetDeviceInfoResponse) and dev_id in self._info_answered:
+                    seen = self._info_answered[dev_id]
+                    seen.device_id = resp.device_id     # type: ignore[attr-defined]
+                    seen.set()
             except Exception:
                 self.stats["handler_errors"] += 1
                 log.exception("device %d: %s failed; answering with zeros", dev_id, msg.NAME)

@@ -354,9 +354,10 @@ def explain_ioctl_error(op: str, dev_id: int, e: OSError) -> VmsgLbError:
     why = {
         errno.EEXIST: f"dev_id {dev_id} is already on the loopback bus (another device side added it; "
                       f"REMOVE it first or use other device numbers)",
-        errno.ENODEV: (f"the kernel refused dev_id {dev_id}: GET_DEVICE_INFO came back with device_id 0 "
-                       f"(a stray response may have shifted the bus by one: restart the device side "
-                       f"and add again)") if op == "ADD" else f"dev_id {dev_id} is not on the bus",
+        errno.ENODEV: (f"the kernel refused dev_id {dev_id}: it read device_id 0 in the answer to "
+                       f"GET_DEVICE_INFO (no device side serves that dev_id, or a stray response "
+                       f"has shifted the bus by one: see docs/vmsg-lb.md)") if op == "ADD"
+        else f"dev_id {dev_id} is not on the bus",
         errno.EINVAL: f"the kernel refused dev_id {dev_id}: num_feature_bits was not 64",
         errno.ENOTTY: "the control node does not know this ioctl: not the 2026 loopback bus "
                       "(an older virtio-msg version? see docs/vmsg-lb.md)",
