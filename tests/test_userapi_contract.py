@@ -380,3 +380,20 @@ def test_ioctl_errors_are_explained():
             carrier.remove_device(4)
         with pytest.raises(ValueError):
             carrier.add_device(0x10000)
+
+
+def test_a_model_with_a_closed_fd_does_not_stop_the_responder():
+    import os
+
+    r = 4000                  # far above anything this test opens
+    with pytest.raises(OSError):
+        os.fstat(r)
+
+    class Leaky(RngDevice):
+        def poll_fds(self):
+            return (r,)
+
+    with loopback() as (k, carrier, server):
+        server.add_device(0, Leaky(), timeout=30)
+        assert len(k.read_entropy(0, 16)) == 16
+        assert r in server._bad_fds

@@ -147,6 +147,7 @@ class UserApiServer:
         self._lock = threading.RLock()      # transports and their queues: responder vs ADD/REMOVE
         self._outbox: list[Message] = []
         self._rescan: set[tuple[int, int]] = set()
+        self._bad_fds: set[int] = set()
         self._busy: _Busy | None = None
         self._info_answered: dict[int, threading.Event] = {}   # ADDs in progress: their GET_DEVICE_INFO
         self._pending_seen: tuple[float, int] | None = None
@@ -314,12 +315,15 @@ class UserApiServer:
     def _step(self) -> None:
         with self._lock:
             dev_fds = {fd: t for t in self.transports.values() for fd in t.device.poll_fds()}
+        # A model that hands out a closed fd would make poll() return at once forever.
+        self._bad_fds &= set(dev_fds)
         msg_fd = self.carrier.msg_fileno()
         p = select.poll()
         p.register(msg_fd, select.POLLIN)
         p.register(self._wake_r, select.POLLIN)
         for fd in dev_fds:
-            p.register(fd, select.POLLIN)
+            if fd not in self._bad_fds:
+                p.register(fd, select.POLLIN)
         ready = p.poll(0 if self._rescan else 500)
         more = False
         for fd, ev in ready:
@@ -330,7 +334,15 @@ class UserApiServer:
                     pass
             elif fd == msg_fd:
                 more = bool(ev & select.POLLIN)
-            elif fd in dev_fds and ev & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                if not more and ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    self.stats["loop_errors"] += 1
+                    log.error("%s polls as %#x (error/hang-up): retrying", self.carrier.msg_path, ev)
+                    self._stop.wait(0.05)
+            elif ev & select.POLLNVAL:
+                self._bad_fds.add(fd)
+                log.error("device %d: poll_fds() gave fd %d, which is not open; ignoring it",
+                          dev_fds[fd].dev_num, fd)
+            elif fd in dev_fds:
                 with self._lock:
                     dev_fds[fd].on_fd_ready(fd)
                 self._flush()
@@ -492,7 +504,8 @@ class UserApiServer:
     def check_late(self, now: float | None = None) -> str | None:
         """One watchdog look: a message read and unanswered for
         ``late_after`` s, a pending message nobody reads, or a dead
-        responder.  Returns (and logs, and passes to ``on_late``) the report."""
+        responder.  Returns the report and passes it to ``on_late`` (or logs
+        it as an error without one)."""
         now = self.clock() if now is None else now
         report = None
         busy = self._busy
@@ -512,9 +525,10 @@ class UserApiServer:
             report = (f"STALLED: a kernel message has been pending for {self.late_after} s or more and "
                       f"the responder has not read it")
         if report is not None:
-            log.error("%s", report)
             if self.on_late is not None:
                 self.on_late(report)
+            else:
+                log.error("%s", report)
         return report
 
     def _pending(self, now: float) -> bool:
