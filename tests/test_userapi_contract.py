@@ -314,6 +314,7 @@ def test_watchdog_reports_a_late_response_loudly():
         server.watchdog_interval = 3600        # only our explicit looks
         call = server.begin_add(0, Slow())
         assert entered.wait(10)
+        assert not call.done                   # ADD returns only once the probe is answered
         busy = server._busy
         assert busy is not None
         assert server.check_late(busy.since + server.late_after / 2) is None
