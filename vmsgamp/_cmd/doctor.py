@@ -148,6 +148,10 @@ def check_uri(uri: str, sroot: str, droot: str, *, try_open: bool = True) -> lis
                f"{', '.join(schemes())}")
         return checks
     _check(checks, "scheme", OK, f"{scheme}: is registered")
+    if scheme == "vmsg-lb":
+        from vmsgamp._cmd._doctor_vmsg_lb import check_vmsg_lb
+
+        return check_vmsg_lb(checks, uri, target, opts, sroot, droot, try_open=try_open)
     good = True
     if scheme == "uio":
         good = _check_uio(checks, target, opts, sroot, droot)

@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 
+from vmsgamp._cmd import _serve_vmsg_lb
 from vmsgamp._cmd._common import add_endpoint_args, emit, int_auto, open_endpoint
 from vmsgamp._core.addrspace import AddressSpace
 from vmsgamp._core.region import Region
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(str(e)) from None
     if not devices:
         raise CliError("--devices is empty: name at least one device")
+    if _serve_vmsg_lb.is_vmsg_lb(args.region):   # the kernel's own drivers: no FIFO, no AMP bus
+        return _serve_vmsg_lb.run(args, devices)
     opts = {"wait_peer": 0} if args.region.startswith("ivshmem:") else {}
     carrier, fifo = open_endpoint(args, "device", **opts)
     extra: list[Region] = []
