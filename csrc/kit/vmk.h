@@ -263,6 +263,11 @@ void vmk_queue_notify_driver(struct vmk_device *dev, unsigned index);
 void vmk_config_changed(struct vmk_device *dev);
 /* Send a bus PING (the response is counted, not matched). */
 int vmk_ping(struct vmk_ctx *ctx, uint32_t data);
+/* The carrier knows the driver went away (an ivshmem peer disconnected, a
+ * remote processor was stopped): end the session as if its queue head had
+ * left RUN.  Needed because the handshake does not wake a sleeping device,
+ * and a driver that restarts quickly may otherwise never be seen leaving. */
+void vmk_driver_gone(struct vmk_ctx *ctx);
 /* Tell the driver we are going away (own queue state SHUTDOWN). */
 void vmk_shutdown(struct vmk_ctx *ctx);
 

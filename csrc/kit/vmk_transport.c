@@ -657,6 +657,14 @@ int vmk_ping(struct vmk_ctx *ctx, uint32_t data)
     return 0;
 }
 
+void vmk_driver_gone(struct vmk_ctx *ctx)
+{
+    if (ctx->session == VMK_S_RUN) {
+        vmk_fifo_drop_session(ctx, "driver gone", 0, 0);
+        check_lost(ctx);
+    }
+}
+
 void vmk_shutdown(struct vmk_ctx *ctx)
 {
     reset_all(ctx);
