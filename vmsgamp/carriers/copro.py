@@ -208,8 +208,6 @@ def open_copro(target: str, *, uri: str, uart: Any = None, baud: Any = 115200, s
     if not target:
         raise ValueError(f"{uri!r}: copro: needs the path of the shared memory, "
                          f"e.g. copro:/dev/shm/vmsgamp-m4#uart=/tmp/m4.sock")
-    if "create" in opts:
-        raise ValueError(f"{uri!r}: copro: opens the co-processor's memory, it never creates it")
     wait = parse_timeout(timeout)
     carrier = _open_path(target, uri=uri, label=f"co-processor memory {target}",
                          create_hint="start the co-processor (its emulator creates the file)",
