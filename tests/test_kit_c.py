@@ -5,6 +5,7 @@ import json
 import shutil
 import struct
 import subprocess
+from pathlib import Path
 
 import pytest
 from kit_support import need_tools
@@ -14,14 +15,15 @@ from vmsgamp.protocol import BusMsgId, DeviceStatus, TransportMsgId
 from vmsgamp.protocol import _messages as M
 
 CC = shutil.which("gcc") or shutil.which("cc")
+CSRC = Path(__file__).resolve().parents[1] / "csrc"   # the unit tests are not shipped in the package
 needs_cc = pytest.mark.skipif(CC is None, reason="no host C compiler (the package could not have been built)")
 
 
 @needs_cc
 @pytest.mark.parametrize("sanitize", [False, True], ids=["werror", "asan-ubsan"])
 def test_kit_unit_tests(tmp_path, sanitize):
-    root = csrc_root()
-    exe = build_host_program(root / "kit" / "tests" / "kit_unit.c", tmp_path / "kit_unit", cc=CC,
+    tests = CSRC / "kit" / "tests"
+    exe = build_host_program([tests / "kit_unit.c", tests / "test_driver.c"], tmp_path / "kit_unit", cc=CC,
                              sanitize=sanitize)
     p = subprocess.run([str(exe)], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr

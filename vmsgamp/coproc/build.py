@@ -120,14 +120,15 @@ def build_firmware(out_dir: Path | None = None, *, cc: str = "arm-none-eabi-gcc"
     return Firmware(elf, *elf_size(elf), cached=False)
 
 
-def build_host_program(source: Path, out: Path, *, cc: str = "cc", sanitize: bool = False,
-                       extra: list[str] | None = None) -> Path:
-    """Compile ``source`` with the kit for this machine (-Wall -Wextra -Werror;
+def build_host_program(sources: Path | list[Path], out: Path, *, cc: str = "cc",
+                       sanitize: bool = False) -> Path:
+    """Compile ``sources`` with the kit for this machine (-Wall -Wextra -Werror;
     ``sanitize``: AddressSanitizer and UBSan)."""
     root = csrc_root()
+    srcs = [sources] if isinstance(sources, Path) else list(sources)
     flags = HOST_CFLAGS + (SANITIZE_CFLAGS if sanitize else [])
-    _run([cc, *flags, *(extra or []), "-I", str(root / "kit"), "-o", str(out), str(source),
-          *map(str, sorted((root / "kit").glob("vmk_*.c")))], source.name)
+    _run([cc, *flags, "-I", str(root / "kit"), "-o", str(out), *map(str, srcs),
+          *map(str, sorted((root / "kit").glob("vmk_*.c")))], srcs[0].name)
     return out
 
 
