@@ -58,7 +58,8 @@
 #endif
 #define VMK_BUS_DEVICES 32       /* device numbers a bus has (Linux and QEMU use 32) */
 #define VMK_SLOT_SIZE 64u        /* FIFO element size written into the layout */
-#define VMK_KICK_ROUNDS 16u      /* model calls per EVENT_AVAIL before rescheduling */
+#define VMK_KICK_ROUNDS 8u       /* model calls per EVENT_AVAIL before rescheduling */
+#define VMK_MODEL_BATCH 32u      /* chains a model takes per call (the kit calls again) */
 #define VMK_MAX_MSGS_PER_POLL 32u
 
 #define VMK_VENDOR_ID 0x47534D56u /* "VMSG", as vmsgamp's own models */
@@ -119,15 +120,32 @@ enum vmk_vq_error {
     VMK_VQ_E_MODEL               /* the device model reported an error */
 };
 
+/* A walk over one chain's descriptors (kit-private; in the header only so
+ * that a chain can carry one). */
+struct vmk_walk {
+    struct vmk_vq *vq;
+    volatile uint8_t *table;
+    unsigned tsize, i, count;
+    bool nested, done, first;
+};
+
 /* One popped chain.  The kit does not copy the descriptors: reads and writes
  * walk the chain again, re-checking every address, so a driver that rewrites
  * descriptors after the pop gets wrong data at worst, never an access outside
- * the windows. */
+ * the windows.  A cursor remembers where the last copy stopped, so copying a
+ * chain piece by piece from front to back walks it once. */
 struct vmk_chain {
     struct vmk_vq *vq;
     uint16_t head;               /* give back with vmk_vq_push(vq, head, len) */
     uint32_t readable_len;       /* device-readable bytes (they come first) */
     uint32_t writable_len;       /* device-writable bytes */
+    /* cursor (private) */
+    struct vmk_walk walk;
+    uint64_t seg_addr;
+    uint32_t seg_len;
+    uint32_t seg_base;           /* offset of the segment within its part */
+    bool seg_valid;
+    bool cursor_writable;        /* which part the cursor walks */
 };
 
 /* 1: a chain was popped into *c; 0: nothing available; -1: the ring is
@@ -135,9 +153,9 @@ struct vmk_chain {
 int vmk_vq_pop(struct vmk_vq *vq, struct vmk_chain *c);
 /* Copy device-readable bytes [off, off+len) out / device-writable bytes in.
  * Return the bytes copied (less than len at the end of that part). */
-uint32_t vmk_chain_read(const struct vmk_chain *c, uint32_t off, void *buf, uint32_t len);
-uint32_t vmk_chain_write(const struct vmk_chain *c, uint32_t off, const void *buf, uint32_t len);
-uint32_t vmk_chain_fill(const struct vmk_chain *c, uint32_t off, uint8_t byte, uint32_t len);
+uint32_t vmk_chain_read(struct vmk_chain *c, uint32_t off, void *buf, uint32_t len);
+uint32_t vmk_chain_write(struct vmk_chain *c, uint32_t off, const void *buf, uint32_t len);
+uint32_t vmk_chain_fill(struct vmk_chain *c, uint32_t off, uint8_t byte, uint32_t len);
 /* Complete a chain: `len` bytes were written into its writable part. */
 void vmk_vq_push(struct vmk_vq *vq, uint16_t head, uint32_t len);
 
@@ -148,7 +166,9 @@ struct vmk_device_ops {
     /* The driver made buffers available on queue `index`: pop chains with
      * vmk_vq_pop(), complete them with vmk_vq_push().  Return 1 if anything
      * was used, 0 if not, -1 if the model failed (the queue is marked broken
-     * and the device DEVICE_NEEDS_RESET).  Required. */
+     * and the device DEVICE_NEEDS_RESET).  Take at most VMK_MODEL_BATCH
+     * chains per call: the kit calls again while chains remain, and other
+     * devices get their turn in between.  Required. */
     int (*queue_notify)(struct vmk_device *dev, unsigned index, struct vmk_vq *vq);
     /* Configuration space reads/writes (offset and length already checked
      * against config_size).  read: fill buf.  write: return true if applied.

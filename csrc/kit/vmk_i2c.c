@@ -130,7 +130,7 @@ struct request {
 };
 
 /* Parse and check the byte layout; the descriptor layout is not assumed. */
-static void parse(struct vmk_i2c *i2c, struct request *r)
+static void parse(struct request *r)
 {
     uint8_t hdr[OUT_HDR_SIZE];
     uint32_t rlen = r->c.readable_len, wlen = r->c.writable_len;
@@ -155,7 +155,6 @@ static void parse(struct vmk_i2c *i2c, struct request *r)
         return;
     else
         r->addr = low >> 1;
-    (void)i2c;
     r->malformed = false;
 }
 
@@ -217,11 +216,11 @@ static int i2c_queue_notify(struct vmk_device *dev, unsigned index, struct vmk_v
     struct request r;
     int used = 0;
     (void)index;
-    for (unsigned n = 0; n < vq->size; n++) {
+    for (unsigned n = 0; n < VMK_MODEL_BATCH; n++) {
         int k = vmk_vq_pop(vq, &r.c);
         if (k <= 0)
             return k < 0 ? -1 : used;
-        parse(i2c, &r);
+        parse(&r);
         bool ok = false;
         if (i2c->fail_next || r.malformed) {
             /* FAIL_NEXT: after a failure the rest of the group fails unexecuted */

@@ -34,7 +34,7 @@ struct vmk_rng {
     struct vmk_device dev;       /* first: the kit hands back &dev */
     vmk_rng_source source;       /* NULL: the pattern */
     void *source_arg;
-    uint32_t max_request;        /* bytes per request at most (0: 1 MiB) */
+    uint32_t max_request;        /* bytes per request at most (default 64 KiB) */
     uint32_t pattern;            /* xorshift32 state */
     uint8_t word[4];             /* bytes of the current pattern word */
     uint8_t word_used;           /* how many of them were handed out */

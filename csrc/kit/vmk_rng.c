@@ -30,9 +30,9 @@ static int rng_queue_notify(struct vmk_device *dev, unsigned index, struct vmk_v
     uint8_t chunk[64];
     int used = 0;
     (void)index;
-    /* at most one ring's worth per call: a driver refilling as fast as we
-     * drain must not keep us here (the transport calls again) */
-    for (unsigned n = 0; n < vq->size; n++) {
+    /* a bounded batch per call: a driver refilling as fast as we drain must
+     * not keep us here (the transport calls again) */
+    for (unsigned n = 0; n < VMK_MODEL_BATCH; n++) {
         int k = vmk_vq_pop(vq, &c);
         if (k <= 0)
             return k < 0 ? -1 : used;
@@ -77,7 +77,7 @@ void vmk_rng_init(struct vmk_rng *r, vmk_rng_source source, void *arg)
     r->dev.queue_max_size = 256;
     r->source = source;
     r->source_arg = arg;
-    r->max_request = 1u << 20;
+    r->max_request = 64u << 10;   /* more than enough per request; bounds the work per chain */
     r->pattern = VMK_RNG_PATTERN_SEED;
     r->word_used = 4;
 }

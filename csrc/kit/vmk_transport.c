@@ -153,10 +153,9 @@ static void on_avail(struct vmk_ctx *ctx, struct vmk_slot *s, uint32_t index)
 
 /* ---- transport requests -------------------------------------------------------------- */
 
-static uint8_t set_status(struct vmk_ctx *ctx, struct vmk_slot *s, uint32_t requested)
+static uint8_t set_status(struct vmk_slot *s, uint32_t requested)
 {
     const struct vmk_device_ops *ops = s->dev->ops;
-    (void)ctx;
     requested &= 0xFFu;
     if (requested == 0) {
         reset_slot(s);
@@ -282,7 +281,7 @@ static bool transport_request(struct vmk_ctx *ctx, struct vmk_slot *s, const uin
         vmk_put32(out + VMK_STATUS, s->status);
         return true;
     case VMK_SET_DEVICE_STATUS: {
-        uint8_t st = set_status(ctx, s, vmk_get32(m + VMK_STATUS));
+        uint8_t st = set_status(s, vmk_get32(m + VMK_STATUS));
         resp_init(out, m, 4);
         vmk_put32(out + VMK_STATUS, st);
         return true;
@@ -329,10 +328,9 @@ static bool transport_request(struct vmk_ctx *ctx, struct vmk_slot *s, const uin
 
 /* Harmless zeros for a device number with no device, so a driver probing a
  * gap fails fast (device_id 0 = no device) instead of timing out. */
-static bool absent_request(struct vmk_ctx *ctx, const uint8_t *m, uint16_t msz, uint8_t *out)
+static bool absent_request(const uint8_t *m, uint16_t msz, uint8_t *out)
 {
     uint8_t id = m[VMK_HDR_MSG_ID];
-    (void)ctx;
     switch (id) {
     case VMK_GET_DEVICE_INFO:
         resp_init(out, m, 24);
@@ -479,7 +477,7 @@ static void handle_message(struct vmk_ctx *ctx, uint8_t *m)
             on_avail(ctx, s, vmk_get32(m + VMK_VQ_INDEX));
         return;
     }
-    bool ok = s != NULL ? transport_request(ctx, s, m, msz, out) : absent_request(ctx, m, msz, out);
+    bool ok = s != NULL ? transport_request(ctx, s, m, msz, out) : absent_request(m, msz, out);
     if (!ok) {
         ctx->stats.rx_malformed++;
         return;

@@ -112,14 +112,7 @@ static int avail_count(struct vmk_vq *vq)
  * each call yields the next buffer descriptor.  Bounded: each step either
  * yields a descriptor (at most `size` of them) or enters the one allowed
  * indirect table. */
-struct walk {
-    struct vmk_vq *vq;
-    volatile uint8_t *table;
-    unsigned tsize, i, count;
-    bool nested, done, first;
-};
-
-static void walk_start(struct walk *w, struct vmk_vq *vq, unsigned head)
+static void walk_start(struct vmk_walk *w, struct vmk_vq *vq, unsigned head)
 {
     w->vq = vq;
     w->table = vq->desc;
@@ -132,7 +125,7 @@ static void walk_start(struct walk *w, struct vmk_vq *vq, unsigned head)
 }
 
 /* 1: addr, len and flags hold the next descriptor; 0: end of chain; -1: corrupt. */
-static int walk_next(struct walk *w, uint64_t *addr, uint32_t *len, uint16_t *flags)
+static int walk_next(struct vmk_walk *w, uint64_t *addr, uint32_t *len, uint16_t *flags)
 {
     struct vmk_vq *vq = w->vq;
     if (w->done)
@@ -204,7 +197,7 @@ int vmk_vq_pop(struct vmk_vq *vq, struct vmk_chain *c)
     /* ring entry: relaxed, ordered after A1 */
     unsigned head = vm_load16(vq->avail + VIRTQ_AVAIL_OFF_RING + 2u * (vq->next_avail & (vq->size - 1u)),
                               VM_RELAXED);
-    struct walk w;
+    struct vmk_walk w;
     uint64_t addr, readable = 0, writable = 0;
     uint32_t len;
     uint16_t flags;
@@ -235,6 +228,8 @@ int vmk_vq_pop(struct vmk_vq *vq, struct vmk_chain *c)
     c->head = (uint16_t)head;
     c->readable_len = (uint32_t)readable;
     c->writable_len = (uint32_t)writable;
+    c->seg_valid = false;
+    c->walk.vq = NULL;   /* no cursor yet */
     vq->next_avail++;
     return 1;
 }
@@ -242,35 +237,52 @@ int vmk_vq_pop(struct vmk_vq *vq, struct vmk_chain *c)
 enum copy_mode { READ, WRITE, FILL };
 
 /* Copy out of the chain's readable part (READ) or into its writable part
- * (WRITE from src, FILL with one byte), starting `off` bytes into that part. */
-static uint32_t chain_copy(const struct vmk_chain *c, uint32_t off, void *buf, const void *src,
+ * (WRITE from src, FILL with one byte), starting `off` bytes into that part.
+ * Continues from the cursor when `off` is at or past it, else walks from the
+ * head again. */
+static uint32_t chain_copy(struct vmk_chain *c, uint32_t off, void *buf, const void *src,
                            uint8_t fill, enum copy_mode mode, uint32_t len)
 {
     struct vmk_vq *vq = c->vq;
-    struct walk w;
-    uint64_t addr;
-    uint32_t dlen, done = 0;
-    uint16_t flags;
+    bool writable = mode != READ;
+    uint32_t done = 0;
     int memtype = vq->mem->memtype;
     if (vq->broken)
         return 0;
-    walk_start(&w, vq, c->head);
-    while (done < len && walk_next(&w, &addr, &dlen, &flags) > 0) {
-        bool wr = (flags & VIRTQ_DESC_F_WRITE) != 0;
-        if (wr != (mode != READ)) {
-            if (mode == READ)
-                break;       /* readable part ended */
-            continue;        /* still in the readable part */
+    if (c->walk.vq == NULL || c->cursor_writable != writable || off < c->seg_base) {
+        walk_start(&c->walk, vq, c->head);
+        c->seg_valid = false;
+        c->seg_base = 0;
+        c->cursor_writable = writable;
+    }
+    while (done < len) {
+        if (!c->seg_valid) {
+            uint64_t addr;
+            uint32_t dlen;
+            uint16_t flags;
+            if (walk_next(&c->walk, &addr, &dlen, &flags) <= 0)
+                break;
+            bool wr = (flags & VIRTQ_DESC_F_WRITE) != 0;
+            if (wr != writable) {
+                if (!writable)
+                    break;   /* the readable part ended */
+                continue;    /* still in the readable part */
+            }
+            c->seg_addr = addr;
+            c->seg_len = dlen;
+            c->seg_valid = true;
         }
-        if (off >= dlen) {
-            off -= dlen;
+        uint32_t rel = off - c->seg_base;
+        if (rel >= c->seg_len) {
+            c->seg_base += c->seg_len;
+            c->seg_valid = false;
             continue;
         }
-        uint32_t take = dlen - off;
+        uint32_t take = c->seg_len - rel;
         if (take > len - done)
             take = len - done;
         /* re-checked: the driver may have rewritten the descriptor since pop */
-        volatile uint8_t *p = vmk_mem_translate(vq->mem, addr + off, take);
+        volatile uint8_t *p = vmk_mem_translate(vq->mem, c->seg_addr + rel, take);
         if (p == NULL) {
             vmk_vq_mark_broken(vq, VMK_VQ_E_ADDR);
             break;
@@ -286,22 +298,22 @@ static uint32_t chain_copy(const struct vmk_chain *c, uint32_t off, void *buf, c
                 vm_store8(p + i, fill, VM_RELAXED);
         }
         done += take;
-        off = 0;
+        off += take;
     }
     return done;
 }
 
-uint32_t vmk_chain_read(const struct vmk_chain *c, uint32_t off, void *buf, uint32_t len)
+uint32_t vmk_chain_read(struct vmk_chain *c, uint32_t off, void *buf, uint32_t len)
 {
     return chain_copy(c, off, buf, NULL, 0, READ, len);
 }
 
-uint32_t vmk_chain_write(const struct vmk_chain *c, uint32_t off, const void *buf, uint32_t len)
+uint32_t vmk_chain_write(struct vmk_chain *c, uint32_t off, const void *buf, uint32_t len)
 {
     return chain_copy(c, off, NULL, buf, 0, WRITE, len);
 }
 
-uint32_t vmk_chain_fill(const struct vmk_chain *c, uint32_t off, uint8_t byte, uint32_t len)
+uint32_t vmk_chain_fill(struct vmk_chain *c, uint32_t off, uint8_t byte, uint32_t len)
 {
     return chain_copy(c, off, NULL, NULL, byte, FILL, len);
 }

@@ -260,6 +260,26 @@ static void test_rng(void)
     for (int i = 0; i < 10; i++) same &= ram_ptr(b1)[i] == pattern_next();
     for (int i = 0; i < 20; i++) same &= ram_ptr(b2)[i] == pattern_next();
     CHECK(same);
+    /* a chain of many small segments: the copy continues segment after segment */
+    uint64_t segs[12];
+    uint32_t lens[12];
+    bool wrs[12];
+    for (int i = 0; i < 12; i++) {
+        lens[i] = (uint32_t)(1 + i % 5);
+        segs[i] = ram_alloc(lens[i], 1);
+        wrs[i] = true;
+    }
+    head = dq_add(&rngq, 12, segs, lens, wrs);
+    dq_publish(&rngq, head);
+    dq_kick(&rngq);
+    uint32_t total = 0;
+    for (int i = 0; i < 12; i++) total += lens[i];
+    CHECK(dq_used(&rngq, &id, &len) && id == head && len == total);
+    same = true;
+    for (int i = 0; i < 12; i++)
+        for (uint32_t k = 0; k < lens[i]; k++)
+            same &= ram_ptr(segs[i])[k] == pattern_next();
+    CHECK(same);
     /* EVENT_IDX: used_event far ahead -> no EVENT_USED */
     put16(ram_ptr(rngq.avail) + 4 + 2 * rngq.size, (uint16_t)(rngq.last_used + 100));
     before = used_events[0];
