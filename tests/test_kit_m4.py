@@ -72,6 +72,10 @@ def test_m4_serves_rng_and_i2c(firmware, doorbell):
         log = m4.log()
     assert log.count("driver connected") == 2 and log.count("driver left RUN") == 2, log
     assert "FAULT" not in log
+    # the firmware counts the UART receive interrupts it took
+    last = [line for line in log.splitlines() if "driver left RUN" in line][-1]
+    taken = int(last.split("doorbells ")[1], 16)
+    assert (taken > 0) if doorbell == "uart" else (taken == 0), last
 
 
 def _ring_offsets(q):

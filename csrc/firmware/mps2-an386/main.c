@@ -31,6 +31,8 @@ static void log_event(void *arg, const char *what, uint32_t a, uint32_t b)
     board_log_hex(a);
     board_log(" ");
     board_log_hex(b);
+    board_log(" doorbells ");   /* UART interrupts taken so far: shows the doorbell works */
+    board_log_hex(board_doorbells);
     board_log("\n");
 }
 
