@@ -17,7 +17,7 @@ from kit_support import driver_session, eeprom_roundtrip, need_tools, read_rng, 
 
 from vmsgamp.bus import BusError
 from vmsgamp.coproc.build import build_firmware
-from vmsgamp.coproc.m4 import DRIVER_MEMORY_OFFSET, PSRAM_BASE, M4Machine
+from vmsgamp.coproc.m4 import DRIVER_MEMORY_OFFSET, PSRAM_BASE, M4Error, M4Machine
 from vmsgamp.protocol import (
     DeviceStatus, EventAvail, GetDeviceStatusRequest, PingRequest, SetDeviceStatusRequest,
     SetVqueueRequest,
@@ -202,3 +202,13 @@ def test_emulate_coprocessor_without_the_tools(tmp_path):
     p = subprocess.run([sys.executable, "-m", "vmsgamp", "emulate", "--coprocessor", "m4", "--devices", "rng"],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1 and "--devices" in p.stderr
+
+
+def test_m4_machine_reports_a_qemu_that_fails(tmp_path):
+    bad = tmp_path / "not-firmware.elf"
+    bad.write_bytes(b"not an ELF file")
+    m4 = M4Machine(bad, doorbell="poll")
+    with pytest.raises(M4Error, match="QEMU exited"):
+        m4.start()
+    assert not os.path.exists(m4.memory_path)   # cleaned up
+    m4.close()   # idempotent

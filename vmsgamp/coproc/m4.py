@@ -57,6 +57,7 @@ class M4Machine:
         self._tmp = tempfile.mkdtemp(prefix="vmsgamp-m4-")
         self.uart_path = os.path.join(self._tmp, "doorbell.sock")
         self.log_path = os.path.join(self._tmp, "firmware.log")
+        self.qemu_log_path = os.path.join(self._tmp, "qemu.stderr")
         self.proc: subprocess.Popen[bytes] | None = None
         self._map: mmap.mmap | None = None
         self.boot_seconds = 0.0
@@ -83,8 +84,9 @@ class M4Machine:
         finally:
             os.close(fd)
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+        with open(self.qemu_log_path, "wb") as err:   # a file: QEMU can never block on a full pipe
+            self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=err)
         try:
             self._wait_boot(t0)
         except BaseException:
@@ -97,7 +99,8 @@ class M4Machine:
         assert self._map is not None and self.proc is not None
         while struct.unpack_from("<H", self._map, FIFO_OFFSET)[0] != _LAYOUT_MAGIC:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace").strip() if self.proc.stderr else ""
+                with open(self.qemu_log_path, errors="replace") as f:
+                    err = f.read().strip()
                 raise M4Error(f"QEMU exited with {self.proc.returncode}: "
                               f"{err.splitlines()[-1] if err else 'no message'}")
             if time.monotonic() - t0 > self.boot_timeout:
@@ -118,8 +121,6 @@ class M4Machine:
                 except subprocess.TimeoutExpired:
                     self.proc.kill()
                     self.proc.wait()
-            if self.proc.stderr is not None:
-                self.proc.stderr.close()
         if self._map is not None:
             self._map.close()
             self._map = None
