@@ -2,10 +2,27 @@
 import glob
 import os
 
+import shutil
+
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class build_py_with_csrc(build_py):
+    """Ship csrc/ (the C device kit, the firmware, the layout headers) inside
+    the package as vmsgamp/_csrc: `vmsgamp emulate --coprocessor m4` builds
+    the firmware from it on the user's machine."""
+
+    def run(self):
+        super().run()
+        src = os.path.join(HERE, "csrc")
+        dst = os.path.join(self.build_lib, "vmsgamp", "_csrc")
+        if os.path.isdir(src):
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tests", "*.o", "*.elf"))
 
 
 def extensions():
@@ -24,6 +41,7 @@ def extensions():
 
 
 setup(
+    cmdclass={"build_py": build_py_with_csrc},
     ext_modules=cythonize(
         extensions(),
         language_level=3,

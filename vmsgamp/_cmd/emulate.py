@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--packed", choices=["auto", "on", "off"], default="auto",
                    help="virtqueue format (auto: packed when the device offers it)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--coprocessor", choices=["m4"], default=None,
+                   help="serve the devices from the C kit's firmware on an emulated Cortex-M4 "
+                        "(QEMU mps2-an386) instead of a vmsgamp process")
+    p.add_argument("--m4-doorbell", choices=["uart", "poll"], default="uart",
+                   help="with --coprocessor m4: ring through the M4's UART (default) or poll")
     p.set_defaults(func=run)
 
 
@@ -42,6 +47,10 @@ def _default_devices() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.coprocessor == "m4":
+        from vmsgamp.coproc.emulate import run_m4
+
+        return run_m4(args)
     from vmsgamp._core.addrspace import RegionAllocator
     from vmsgamp._core.fifo import MsgFifo
     from vmsgamp.bus import AmpBus, AmpDriver

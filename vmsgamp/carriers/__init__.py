@@ -22,6 +22,7 @@ from vmsgamp.carriers import uio as _uio  # noqa: F401  (registers uio: and /dev
 from vmsgamp.carriers import pci as _pci  # noqa: F401  (registers pci:)
 from vmsgamp.carriers import vfio as _vfio  # noqa: F401  (registers vfio:)
 from vmsgamp.carriers import vmsg_lb as _vmsg_lb  # noqa: F401  (registers vmsg-lb:)
+from vmsgamp.carriers import copro as _copro  # noqa: F401  (registers copro:)
 from vmsgamp.carriers.ivshmem import (
     IvshmemCarrier,
     IvshmemClient,
