@@ -11,6 +11,7 @@ BENCHMARKS = {
     "virtqueue": "vmsgamp._bench.virtqueue",
     "devices": "vmsgamp._bench.devices",
     "vhost-user": "vmsgamp._bench.vhost_user",
+    "codec": "vmsgamp._bench.codec",
 }
 
 
