@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--against", required=True, metavar="REV", help="git revision to compare with")
     parser.add_argument("--runs", type=int, default=5, help="interleaved runs (default 5)")
-    parser.add_argument("--iters", type=int, default=20_000, help="loop iterations per timing")
-    parser.add_argument("--repeat", type=int, default=5, help="timings per figure (fastest counts)")
+    parser.add_argument("--iters", type=int, default=5_000, help="loop iterations per timing")
+    parser.add_argument("--repeat", type=int, default=15, help="timings per figure (fastest counts)")
     parser.add_argument("--json", metavar="PATH", help="also write the raw numbers to PATH")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.iters < 1 or args.repeat < 1:
