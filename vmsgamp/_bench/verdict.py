@@ -6,7 +6,8 @@ A verdict is a plain dict (it goes into ``--json`` output as is)::
      "limit": 5.0, "at_least": False, "status": "PASS", "detail": ""}
 
 ``status`` is PASS, MISS, or n/a when the figure was not measured (a
-skipped part, a missing C compiler): never a silent pass.
+skipped part, a missing C compiler): never a silent pass.  A figure shown
+for information, with no stated target, has ``limit`` None and status info.
 """
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ Verdict = dict[str, Any]
 __all__ = ["Verdict", "check", "format_lines", "summary"]
 
 
-def check(target: str, value: float | None, limit: float, *, at_least: bool = False, unit: str = "",
-          detail: str = "") -> Verdict:
+def check(target: str, value: float | None, limit: float | None, *, at_least: bool = False,
+          unit: str = "", detail: str = "") -> Verdict:
     """PASS when ``value <= limit`` (``value >= limit`` with ``at_least``)."""
     if value is None:
         status = "n/a"
+    elif limit is None:
+        status = "info"
     else:
         status = "PASS" if (value >= limit if at_least else value <= limit) else "MISS"
     return {"target": target, "value": value, "unit": unit, "limit": limit, "at_least": at_least,
@@ -51,7 +54,7 @@ def format_lines(verdicts: list[Verdict]) -> list[str]:
 
 def summary(verdicts: list[Verdict]) -> dict[str, int]:
     """How many targets passed, missed and were not measured."""
-    out = {"PASS": 0, "MISS": 0, "n/a": 0}
+    out = {"PASS": 0, "MISS": 0, "n/a": 0, "info": 0}
     for v in verdicts:
         out[v["status"]] = out.get(v["status"], 0) + 1
     return out
