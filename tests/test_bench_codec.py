@@ -64,3 +64,14 @@ def test_verdicts() -> None:
     assert format_lines([check("t", None, 1.0)]) == ["verdict n/a   t: measured not measured"]
     assert summary([check("a", 1, 2), check("b", 3, 2), check("c", None, 2)]) == \
         {"PASS": 1, "MISS": 1, "n/a": 1, "info": 0}
+
+
+def test_bus_ping_profiler_runs() -> None:
+    import subprocess
+
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "profile_bus_ping.py"), "--count", "30",
+                           "--top", "3"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "no profiler): p50" in out and "driver process" in out and "device process" in out
+    assert out.count("us per PING") == 2
