@@ -343,7 +343,7 @@ class Connection:
             request = next((r for r in queue or () if r.__class__ is wanted), None)
             if request is None:
                 raise LocalProtocolError(f"no unanswered {response.NAME} request on {_where(key)}")
-        elif queue is None or not any(r is request for r in queue):
+        elif not queue or (queue[0] is not request and not any(r is request for r in queue)):
             raise LocalProtocolError(f"{_label(request)} is not an unanswered request")
         if request.__class__ is not wanted:
             raise LocalProtocolError(f"{_label(response)} does not answer {_label(request)}")
