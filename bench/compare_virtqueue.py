@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     c_med = harness.median_dicts(c_runs)
     v_med = harness.median_dicts(v_runs)
     lines = [f"virtqueue: vmsgamp vs C reference, medians of {a.runs} interleaved runs, CPUs {list(cpus)}",
-             f"{'metric':<26}{'vmsgamp':>12}{'C ref':>12}{'ratio':>9}   {'target':<30}ok"]
+             f"{'metric':<26}{'vmsgamp':>12}{'C ref':>12}{'ratio':>9}   {'target':<30}verdict"]
     all_ok = True
     for key, label, unit, target, kind, min_ratio in ROWS:
         v, c = v_med.get(key), c_med.get(key)
@@ -105,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
         vs = f"{v / scale:12.2f}" if v is not None else f"{'-':>12}"
         cs = f"{c / scale:12.2f}" if c else f"{'-':>12}"
         rs = f"{ratio:9.2f}" if ratio else f"{'-':>9}"
-        lines.append(f"{label:<26}{vs}{cs}{rs}   {tgt:<30}{'yes' if ok else 'NO'}")
+        lines.append(f"{label:<26}{vs}{cs}{rs}   {tgt:<30}{'PASS' if ok else 'MISS'}")
     zc, mc = v_med.get("zero_copy_64k_gbps"), v_med.get("memcpy_64k_gbps")
     if zc and mc:
         zratio = harness.median([r["zero_copy_64k_gbps"] / r["memcpy_64k_gbps"] for r in v_runs])
         ok = zratio >= 0.5
         all_ok &= ok
         lines.append(f"{'64 KiB zero-copy GB/s':<26}{zc:12.2f}{mc:12.2f}{zratio:9.2f}   "
-                     f"{'>= 0.5x same-run memcpy':<30}{'yes' if ok else 'NO'}")
+                     f"{'>= 0.5x same-run memcpy':<30}{'PASS' if ok else 'MISS'}")
         lines.append("  (the C ref column of this row is vmsgamp's same-run memcpy)")
     print("\n".join(lines))
     if a.json:

@@ -197,3 +197,35 @@ def test_vmsgamp_suite_contract() -> None:
         assert result[key] > 0, key
     assert result["rtt_busy_p50_us"] <= result["rtt_busy_p99_us"]
     assert result["rtt_block_p50_us"] <= result["rtt_block_p99_us"]
+
+
+# ---- the same work everywhere (issue 14) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["os_pipe", "seqpacket", "py_ring", "mp_pipe"])
+def test_python_mechanisms_check_sequence_numbers(monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    mech = next(m for m in cf.PY_MECHANISMS if m.key == key)
+    counts = cf.Counts().scaled(0.0005, minimum=200)
+    assert cf.measure_python(mech, counts, CPUS)["msgs_per_s"] > 0
+    real = cf._Stamp.__call__
+
+    def skip_seven(self, seq):  # message 7 claims to be 8: one lost, one duplicated
+        return real(self, 8 if seq == 7 else seq)
+
+    monkeypatch.setattr(cf._Stamp, "__call__", skip_seven)
+    with pytest.raises(harness.BenchError, match="out-of-order"):
+        cf.measure_python(mech, counts, CPUS)
+
+
+def test_breakdown_uses_the_same_runs_c_figure() -> None:
+    run = {"vmsgamp": {"send_msgs_per_s": 10e6, "call_floor_ns": 40.0}, "c_ref": {"send_msgs_per_s": 50e6}}
+    cf.add_breakdown(run)
+    v = run["vmsgamp"]
+    assert v["per_msg_ns"] == pytest.approx(100) and v["c_per_msg_ns"] == pytest.approx(20)
+    assert v["overhead_ns"] == pytest.approx(40) and v["per_msg_vs_floor_plus_c"] == pytest.approx(100 / 60)
+    lone = {"vmsgamp": {"send_msgs_per_s": 10e6, "call_floor_ns": 40.0}}
+    cf.add_breakdown(lone)  # no C step this run: nothing invented
+    assert "per_msg_ns" not in lone["vmsgamp"]
+    targets = cf.evaluate_targets({"vmsgamp": v}, {})
+    floor_target = next(t for t in targets if "call floor" in t["text"])
+    assert floor_target["status"] == "MISS"

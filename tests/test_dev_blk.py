@@ -220,3 +220,99 @@ def test_blk_over_the_amp_bus(image, packed):
         assert dev.queues[0].get_used() == ("bad", 1) and sv[0] == VIRTIO_BLK_S_IOERR
     assert image.read_bytes()[3 * 512:5 * 512] == b"\xa5\x5a" * 512
     assert len(image.read_bytes()) == SECTORS * 512
+
+
+# ---- the driver-side client (vmsgamp.devices.blk_client) over the AMP bus -------------------
+
+def _expected(image, sector, nbytes):
+    return image.read_bytes()[sector * 512:sector * 512 + nbytes]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_client_reads_writes_flushes_over_the_bus(image, packed):
+    from vmsgamp.devices.blk_client import BlkClient
+    from vmsgamp.testing.amp import amp_pair
+
+    path = str(image)
+    before = image.read_bytes()
+    with amp_pair(lambda: [BlkDevice(path, serial="disk-7")]) as drv:
+        with BlkClient.open(drv, 0, packed=packed, buffer_size=8192, max_in_flight=4) as blk:
+            assert blk.capacity == SECTORS and blk.size == SECTORS * 512 and not blk.readonly
+            assert blk.dev.packed == packed
+            assert blk.get_id() == b"disk-7"
+            # 20 KiB: three requests of at most buffer_size, reassembled in order
+            assert blk.read(2, 20 * 1024) == before[1024:1024 + 20 * 1024]
+            payload = bytes((i * 13 + 1) & 0xFF for i in range(10 * 1024))
+            blk.write(5, payload)
+            blk.flush()
+            assert blk.read(5, len(payload)) == payload
+            assert blk.read(SECTORS - 1, 512) == before[-512:]
+    after = image.read_bytes()
+    assert after[5 * 512:5 * 512 + len(payload)] == payload
+    assert after[:5 * 512] == before[:5 * 512] and after[5 * 512 + len(payload):] == before[5 * 512 + len(payload):]
+
+
+def test_client_pipeline_tags_and_limits(image):
+    from vmsgamp.devices.blk_client import BlkClient, time_reads
+    from vmsgamp.errors import VmsgampError
+    from vmsgamp.testing.amp import amp_pair
+
+    path = str(image)
+    with amp_pair(lambda: [BlkDevice(path)]) as drv:
+        with BlkClient.open(drv, 0, buffer_size=4096, max_in_flight=6) as blk:
+            sectors = [40, 0, 8, 56, 16, 24]
+            for i, s in enumerate(sectors):
+                blk.submit_read(s, 4096 if i % 2 else 1024, tag=("r", s), kick=False)
+            with pytest.raises(VmsgampError, match="in flight"):
+                blk.submit_read(0, 512)
+            with pytest.raises(VmsgampError, match="idle"):
+                blk.read(0, 512)
+            blk.kick()
+            done = list(blk.drain())
+            assert sorted(c.tag[1] for c in done) == sorted(sectors) and blk.in_flight == 0
+            for c in done:
+                assert c.ok and c.used_len == len(c.data) + 1
+                assert bytes(c.data) == _expected(image, c.tag[1], len(c.data))
+            # local checks: nothing outside the disk or the slot buffer is ever sent
+            for bad in [(SECTORS, 512), (SECTORS - 1, 1024), (-1, 512), (0, 100), (0, 8192), (0, 0)]:
+                with pytest.raises(ValueError):
+                    blk.submit_read(*bad)
+            assert blk.in_flight == 0
+            r = time_reads(blk, (s % (SECTORS - 8) for s in range(0, 1 << 30, 8)), 4096, 0.05)
+            assert r["requests"] >= blk.max_in_flight and r["errors"] == 0 and blk.in_flight == 0
+
+
+def test_client_reports_device_errors(image):
+    """A device-side error comes back as BlkError with its status, and the
+    client stays usable."""
+    from vmsgamp.devices.blk_client import BlkClient, BlkError
+    from vmsgamp.testing.amp import amp_pair
+
+    path = str(image)
+    with amp_pair(lambda: [BlkDevice(path)]) as drv:
+        with BlkClient.open(drv, 0, buffer_size=4096) as blk:
+            os.truncate(path, 16 * 512)  # the device still believes in 64 sectors
+            with pytest.raises(BlkError) as e:
+                blk.read(32, 1024)
+            assert e.value.status == VIRTIO_BLK_S_IOERR and e.value.errno == 5
+            c = blk.reap()
+            assert c == [] and blk.in_flight == 0
+            assert blk.read(0, 512) == _expected(image, 0, 512)  # still fine below the cut
+
+
+def test_client_readonly_device(image):
+    from vmsgamp.devices.blk_client import BlkClient, BlkError
+    from vmsgamp.testing.amp import amp_pair
+
+    path = str(image)
+    before = image.read_bytes()
+    with amp_pair(lambda: [BlkDevice(path, readonly=True)]) as drv:
+        with BlkClient.open(drv, 0, buffer_size=4096) as blk:
+            assert blk.readonly
+            with pytest.raises(PermissionError):
+                blk.write(0, bytes(512))
+            blk.readonly = False  # a careless caller: the device still refuses
+            with pytest.raises(BlkError) as e:
+                blk.write(0, bytes(512))
+            assert e.value.status == VIRTIO_BLK_S_IOERR
+    assert image.read_bytes() == before

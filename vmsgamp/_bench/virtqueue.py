@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from vmsgamp._bench import harness
+from vmsgamp._bench.verdict import check, format_lines
 from vmsgamp._core.addrspace import AddressSpace, RegionAllocator
 from vmsgamp._core.region import Region
 from vmsgamp._core.virtq import (
@@ -281,11 +282,32 @@ def run_once(args: argparse.Namespace) -> Result:
 def run(args: argparse.Namespace) -> Result:
     runs = [run_once(args) for _ in range(max(1, args.runs))]
     if len(runs) == 1:
-        return runs[0]
-    med: Result = harness.median_dicts(runs)
-    med["runs"] = len(runs)
-    med["cpus"] = runs[0]["cpus"]
+        med = runs[0]
+    else:
+        med = harness.median_dicts(runs)
+        med["runs"] = len(runs)
+        med["cpus"] = runs[0]["cpus"]
+    med["verdicts"] = verdicts(med)
     return med
+
+
+def verdicts(r: Result) -> list[Result]:
+    """The absolute targets (issue 3); the ratios to the C reference need
+    bench/compare_virtqueue.py, which builds and runs it in the same run."""
+    mps = (lambda x: None if x is None else x / 1e6)
+    out = []
+    for fmt in ("split", "packed"):
+        out.append(check(f"{fmt} per-call >= 5 M chains/s", mps(r.get(f"{fmt}_chains_per_s")), 5,
+                         at_least=True, unit="M/s"))
+        out.append(check(f"{fmt} batch of {BATCH} >= 20 M chains/s", mps(r.get(f"{fmt}_batch_chains_per_s")),
+                         20, at_least=True, unit="M/s"))
+        out.append(check(f"{fmt} round trip p50 <= 0.8 us", r.get(f"{fmt}_rtt_p50_us"), 0.8, unit="us"))
+    zc, mc = r.get("zero_copy_64k_gbps"), r.get("memcpy_64k_gbps")
+    out.append(check("64 KiB zero-copy consume >= 0.5x same-run memcpy", zc / mc if zc and mc else None, 0.5,
+                     at_least=True, unit="x"))
+    out.append(check("per-call and batch >= 0.25x / 0.4x the C reference (bench/compare_virtqueue.py)",
+                     None, None))
+    return out
 
 
 TARGETS = {
@@ -316,4 +338,5 @@ def format_human(result: Result) -> str:
         zc, mc = result["zero_copy_64k_gbps"], result["memcpy_64k_gbps"]
         lines.append(f"  {'64 KiB zero-copy consume':<38} {zc:8.2f} GB/s = {zc / mc:.0%} of memcpy "
                      f"{mc:.2f} GB/s   (target >= 50%)")
+    lines += format_lines(result.get("verdicts") or verdicts(result))
     return "\n".join(lines)

@@ -1,16 +1,21 @@
 """``vmsgamp bench NAME``: benchmarks.  Each lives in ``vmsgamp/_bench/NAME.py``
-with ``add_arguments(parser)``, ``run(args) -> dict`` and ``format_human(dict)``."""
+with ``add_arguments(parser)``, ``run(args) -> dict`` and ``format_human(dict)``;
+the dict's ``verdicts`` (if any) become one ``verdict PASS|MISS|n/a|info`` line
+per target in the human output.  A benchmark that cannot run (one CPU, no
+compiler, no matplotlib for ``--plot``) exits 1 with one line."""
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import sys
 
 BENCHMARKS = {
     "fifo": "vmsgamp._bench.fifo",
     "virtqueue": "vmsgamp._bench.virtqueue",
     "devices": "vmsgamp._bench.devices",
     "vhost-user": "vmsgamp._bench.vhost_user",
+    "codec": "vmsgamp._bench.codec",
 }
 
 
@@ -33,7 +38,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _runner(mod):
     def run(args: argparse.Namespace) -> int:
-        result = mod.run(args)
+        from vmsgamp._bench.harness import BenchError
+
+        try:
+            if getattr(args, "plot", None):
+                from vmsgamp._bench import plot
+
+                plot._pyplot()  # fail before a long run, not after it
+            result = mod.run(args)
+        except BenchError as e:
+            print(f"vmsgamp bench {args.bench}: error: {e}", file=sys.stderr)
+            return 1
         if args.json:
             print(json.dumps(result, sort_keys=True))
         else:

@@ -3,6 +3,13 @@
 The driver posts device-writable buffers; the device fills them from a
 source and reports the bytes written as the used length (the driver must use
 that length, virtio spec "Entropy Device").
+
+Sources: ``os.urandom`` (default), a file or character device
+(``source=PATH``), and two that cost (almost) nothing, for measuring the
+device path rather than the entropy: ``source=zero`` (zero bytes) and
+``source=pattern`` (bytes 0, 1, ..., 255, 0, 1, ... continuing across
+requests, so a reader can check order and completeness).  They are not
+entropy: never offer them to a guest that needs randomness.
 """
 from __future__ import annotations
 
@@ -40,17 +47,55 @@ class FileSource:
         self._f.close()
 
 
+class ZeroSource:
+    """Zero bytes, served as views of one preallocated buffer (no per-request
+    allocation: what a benchmark of the device path wants)."""
+
+    path = "zero"
+
+    def __init__(self) -> None:
+        self._zeros = memoryview(bytes(0))
+
+    def __call__(self, n: int) -> memoryview:
+        if n > len(self._zeros):
+            self._zeros = memoryview(bytes(max(n, 2 * len(self._zeros))))
+        return self._zeros[:n]
+
+
+class PatternSource:
+    """Bytes ``i & 0xFF`` for a running byte count ``i``: the stream
+    continues across requests, so the driver can check it."""
+
+    path = "pattern"
+
+    def __init__(self) -> None:
+        self._pattern = memoryview(bytes(range(256)))
+        self._pos = 0
+
+    def __call__(self, n: int) -> memoryview:
+        if n + 256 > len(self._pattern):  # one buffer covering any start offset
+            self._pattern = memoryview(bytes(range(256)) * ((n + 511) // 256))
+        start = self._pos
+        self._pos = (start + n) & 0xFF
+        return self._pattern[start:start + n]
+
+
+SOURCES: dict[str, Callable[[], Callable[[int], Any]]] = {"zero": ZeroSource, "pattern": PatternSource}
+
+
 class RngDevice(VirtioDevice):
     device_id = VIRTIO_ID_RNG
     name = "rng"
     num_queues = 1
 
-    def __init__(self, source: Callable[[int], bytes] | str | None = None, *, max_request: int = 1 << 20):
+    def __init__(self, source: Callable[[int], Any] | str | None = None, *, max_request: int = 1 << 20):
+        """``source``: None (os.urandom), "zero", "pattern", a file path, or a
+        callable ``n -> bytes-like`` (at most n bytes; fewer = short read)."""
         super().__init__()
         if source is None:
-            self.source: Callable[[int], bytes] = os.urandom
+            self.source: Callable[[int], Any] = os.urandom
         elif isinstance(source, str):
-            self.source = FileSource(source)
+            self.source = SOURCES[source]() if source in SOURCES else FileSource(source)
         else:
             self.source = source
         self.max_request = max_request
@@ -64,7 +109,7 @@ class RngDevice(VirtioDevice):
                 return used
             want = min(chain.writable_len, self.max_request)
             data = self.source(want) if want else b""
-            written = chain.write(data) if data else 0
+            written = chain.write(data) if len(data) else 0
             queue.add_used(chain.head, written)
             self.bytes_served += written
             used = True
@@ -83,4 +128,5 @@ def _factory(source: str | None = None) -> RngDevice:
     return RngDevice(source)
 
 
-register_device("rng", _factory, {"source": "file or device to read entropy from (default os.urandom)"})
+register_device("rng", _factory, {"source": "file or device to read entropy from (default os.urandom); "
+                                            "'zero' or 'pattern' for benchmarks (not entropy)"})

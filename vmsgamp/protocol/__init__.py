@@ -1,8 +1,9 @@
 """Sans-I/O virtio-msg: message codec and driver/device state machines.
 
 Bytes in, events out; no sockets, no shared memory, no clock (time is passed in
-as ``now``).  Layouts, IDs, sizes and interop rules follow
-``shared/docs/virtio-msg-reference.md`` sections 1, 3.2 and 7.
+as ``now``).  Layouts, IDs, sizes and interop rules follow the virtio-msg
+specification (message header and types, transport and bus messages) and the
+probe sequence Linux's virtio-msg driver uses.
 
 Quick tour::
 

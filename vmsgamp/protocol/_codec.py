@@ -3,17 +3,25 @@
 Decoding treats the input as hostile: every way it can be malformed ends in
 ``RemoteProtocolError`` (the bus counts and drops it, reference 1.9); nothing
 else escapes.  Encoding mistakes are ours and raise ``LocalProtocolError``.
+
+Speed: these functions sit on every bus round trip, so each message class
+gets, per header profile, a precompiled ``struct.Struct`` covering header
+and fixed payload together, and a generated encoder that packs the fields
+in one call.  Decoding is one header peek, one dict lookup on (kind,
+direction, msg_id), one unpack and the class's positional constructor.
+``tests/protocol_reference.py`` is the straightforward field-by-field
+oracle the property tests compare this with.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Callable, Union
 
 from vmsgamp.errors import LocalProtocolError, RemoteProtocolError
 
-from ._constants import DEFAULT_MAX_MSG_SIZE, TYPE_BUS, TYPE_RESPONSE
-from ._messages import MESSAGE_CLASSES, GetDevicesRequest, Message, SetConfigResponse
+from ._constants import DEFAULT_MAX_MSG_SIZE, MSG_ID_EVENT_BIT, TYPE_BUS, TYPE_RESPONSE
+from ._messages import MESSAGE_CLASSES, Message
 
 __all__ = ["HeaderProfile", "G1", "G2", "ProfileLike", "get_profile", "encode", "decode",
            "encoded_size", "message_class", "describe", "peek_header"]
@@ -51,6 +59,12 @@ def get_profile(profile: ProfileLike) -> HeaderProfile:
 
 _HDR_G2 = struct.Struct("<BBHHH")  # type, msg_id, dev_num, token, msg_size
 _HDR_G1 = struct.Struct("<BBHH")  # type, msg_id, dev_id, msg_size
+# What decode() needs before it knows the class: type | msg_id << 8 as one
+# little-endian word, and msg_size.
+_PEEK_G2 = struct.Struct("<H4xH").unpack_from
+_PEEK_G1 = struct.Struct("<H2xH").unpack_from
+_KIND_BITS = TYPE_BUS | TYPE_RESPONSE  # reserved type bits 2..7 are ignored on receive
+_KEY_MASK = 0xFF00 | _KIND_BITS
 
 # (is_bus, is_response, msg_id) -> class
 _REGISTRY: dict[tuple[bool, bool, int], type[Message]] = {
@@ -63,22 +77,122 @@ def message_class(*, bus: bool, response: bool, msg_id: int) -> type[Message] | 
     return _REGISTRY.get((bool(bus), bool(response), msg_id))
 
 
+def _type_byte(cls: type[Message]) -> int:
+    return (TYPE_RESPONSE if cls.IS_RESPONSE else 0) | (TYPE_BUS if cls.IS_BUS else 0)
+
+
+def _key(type_byte: int, msg_id: int) -> int:
+    """Decoder table key: the first two header bytes, reserved type bits cleared."""
+    return msg_id << 8 | (type_byte & _KIND_BITS)
+
+
+# ---------------------------------------------------------------------------
+# Per-class wire code, built once at import
+# ---------------------------------------------------------------------------
+
+Encoder = Callable[[Message, int, "int | None"], bytes]
+# (minimum msg_size, unpack(buf) -> (dev_num, token, msg_size, *fixed words),
+#  _make for fixed-size classes, _from_wire for the others)
+DecodeEntry = tuple[int, Callable[[bytes], tuple[Any, ...]], Callable[..., Message] | None,
+                    Callable[..., Message] | None]
+
+
+def _payload_fmt(cls: type[Message], prof: HeaderProfile) -> str:
+    fmt = cls._FMT_G1 if (prof.is_g1 and cls._FMT_G1 is not None) else cls._FMT
+    return fmt[1:]  # drop the "<": it follows a header format
+
+
+def _too_big(msg: Message, size: int, max_size: int) -> LocalProtocolError:
+    return LocalProtocolError(f"{msg.NAME} needs {size} bytes, more than the maximum message size {max_size}")
+
+
+def _pad(out: bytes, pad_to: int, msg: Message) -> bytes:
+    if pad_to < len(out):
+        raise LocalProtocolError(f"cannot pad a {len(out)}-byte {msg.NAME} to {pad_to} bytes")
+    return out + bytes(pad_to - len(out))
+
+
+def _compile_encoder(cls: type[Message], prof: HeaderProfile) -> Encoder:
+    """``encode(msg, max_size, pad_to)`` for one class and profile: one
+    Struct.pack of header and fixed words (plus the tail, if any).  Generated
+    source, as dataclasses does for __init__, so the field loads are plain
+    attribute reads rather than a getattr loop."""
+    hdr = "<BBHHH" if prof.has_token else "<BBHH"
+    packer = struct.Struct(hdr + _payload_fmt(cls, prof))
+    head = f"{_type_byte(cls)}, {int(cls.MSG_ID)}, msg.dev_num, " + ("msg.token, " if prof.has_token else "")
+    words = "".join(f", msg.{name}" for name in cls._FIELDS)
+    lines = ["def encode(msg, max_size, pad_to):"]
+    if cls._check_encode is not None:
+        lines.append("    msg._check_encode()")
+    if cls._tail is None:
+        lines += [f"    if {packer.size} > max_size:",
+                  f"        raise _too_big(msg, {packer.size}, max_size)",
+                  f"    out = _pack({head}{packer.size}{words})"]
+    else:
+        lines += ["    tail = msg._tail()",
+                  f"    size = {packer.size} + len(tail)",
+                  "    if size > max_size:",
+                  "        raise _too_big(msg, size, max_size)",
+                  f"    out = _pack({head}size{words}) + tail"]
+    lines += ["    if pad_to is None:",
+              "        return out",
+              "    return _pad(out, pad_to, msg)"]
+    namespace: dict[str, Any] = {"_pack": packer.pack, "_too_big": _too_big, "_pad": _pad}
+    exec(compile("\n".join(lines) + "\n", f"<encode {cls.__name__} {prof.name}>", "exec"), namespace)
+    fn: Encoder = namespace["encode"]
+    fn.__qualname__ = f"encode_{cls.__name__}_{prof.name}"
+    return fn
+
+
+def _decode_entry(cls: type[Message], prof: HeaderProfile) -> DecodeEntry:
+    unpacker = struct.Struct(("<2xHHH" if prof.has_token else "<2xHH") + _payload_fmt(cls, prof))
+    unpack: Callable[[bytes], tuple[Any, ...]] = unpacker.unpack_from
+    if not prof.has_token:
+        raw = unpack
+
+        def unpack(buf: bytes) -> tuple[Any, ...]:  # g1 has no token: report 0
+            v = raw(buf)
+            return (v[0], 0) + v[1:]
+
+    min_size = unpacker.size  # header + fixed payload words
+    if cls._from_wire is None:
+        return (min_size, unpack, cls._make, None)
+    return (min_size, unpack, None, cls._from_wire)
+
+
+# Tables per profile, keyed by has_token: a HeaderProfile's own hash is a
+# Python-level dataclass __hash__, too slow for a per-message lookup.
+_ENCODERS: dict[bool, dict[type[Message], Encoder]] = {
+    prof.has_token: {cls: _compile_encoder(cls, prof) for cls in MESSAGE_CLASSES} for prof in (G2, G1)}
+_DECODERS: dict[bool, dict[int, DecodeEntry]] = {
+    prof.has_token: {_key(_type_byte(cls), int(cls.MSG_ID)): _decode_entry(cls, prof) for cls in MESSAGE_CLASSES}
+    for prof in (G2, G1)}
+# Fixed part (header + fixed payload words) of every class, per profile.
+_FIXED_SIZE: dict[bool, dict[type[Message], int]] = {
+    prof.has_token: {cls: prof.header_size + struct.calcsize("<" + _payload_fmt(cls, prof))
+                     for cls in MESSAGE_CLASSES}
+    for prof in (G2, G1)}
+_ENC_G2, _ENC_G1 = _ENCODERS[True], _ENCODERS[False]
+_DEC_G2, _DEC_G1 = _DECODERS[True], _DECODERS[False]
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+
+
 def encoded_size(msg: Message, profile: ProfileLike = G2) -> int:
     """msg_size this message has on the wire in ``profile``."""
     prof = get_profile(profile)
-    return prof.header_size + len(_payload(msg, prof))
-
-
-def _payload(msg: Message, prof: HeaderProfile) -> bytes:
-    if not isinstance(msg, Message) or type(msg) not in _CLASS_SET:
+    fixed = _FIXED_SIZE[prof.has_token].get(type(msg))
+    if fixed is None:
         raise LocalProtocolError(f"not a virtio-msg message: {msg!r}")
+    if msg._tail is None:
+        return fixed
     try:
-        return msg._pack_payload(prof.is_g1)
+        return fixed + len(msg._tail())
     except (struct.error, TypeError, ValueError, OverflowError) as e:
         raise LocalProtocolError(f"{msg.NAME}: field out of range: {e}") from None
-
-
-_CLASS_SET = frozenset(MESSAGE_CLASSES)
 
 
 def encode(msg: Message, *, profile: ProfileLike = G2, max_size: int = DEFAULT_MAX_MSG_SIZE,
@@ -90,33 +204,24 @@ def encode(msg: Message, *, profile: ProfileLike = G2, max_size: int = DEFAULT_M
     ``max_size`` (48 towards QEMU-style peers, 64 otherwise), or ``pad_to`` is
     smaller than the message.
     """
-    prof = get_profile(profile)
-    payload = _payload(msg, prof)
-    _check_semantics(msg)
-    size = prof.header_size + len(payload)
-    if size > max_size:
-        raise LocalProtocolError(f"{msg.NAME} needs {size} bytes, more than the maximum message size {max_size}")
+    return encode_with(_ENC_G2 if profile is G2 else encoder_table(profile), msg, max_size, pad_to)
+
+
+def encoder_table(profile: ProfileLike) -> dict[type[Message], Encoder]:
+    """The per-class encoders of ``profile`` (for ``encode_with``)."""
+    return _ENC_G2 if get_profile(profile).has_token else _ENC_G1
+
+
+def encode_with(table: dict[type[Message], Encoder], msg: Message, max_size: int, pad_to: int | None) -> bytes:
+    """encode() with the profile already resolved to its table: what the
+    connections call for every message they send."""
+    enc = table.get(msg.__class__)
+    if enc is None:
+        raise LocalProtocolError(f"not a virtio-msg message: {msg!r}")
     try:
-        if prof.has_token:
-            header = _HDR_G2.pack(msg.type_byte, msg.MSG_ID, msg.dev_num, msg.token, size)
-        else:
-            header = _HDR_G1.pack(msg.type_byte, msg.MSG_ID, msg.dev_num, size)
-    except struct.error as e:
-        raise LocalProtocolError(f"{msg.NAME}: header field out of range: {e}") from None
-    out = header + payload
-    if pad_to is not None:
-        if pad_to < size:
-            raise LocalProtocolError(f"cannot pad a {size}-byte {msg.NAME} to {pad_to} bytes")
-        out += bytes(pad_to - size)
-    return out
-
-
-def _check_semantics(msg: Message) -> None:
-    """Rules struct.pack cannot see."""
-    if isinstance(msg, GetDevicesRequest) and msg.count % 8:
-        raise LocalProtocolError(f"GET_DEVICES count {msg.count} is not a multiple of 8")
-    if isinstance(msg, SetConfigResponse) and msg.data and len(msg.data) != msg.length:
-        raise LocalProtocolError("SET_CONFIG response: echoed data must be empty or exactly `length` bytes")
+        return enc(msg, max_size, pad_to)
+    except (struct.error, TypeError, ValueError, OverflowError) as e:
+        raise LocalProtocolError(f"{msg.NAME}: field out of range: {e}") from None
 
 
 def peek_header(data: bytes, profile: ProfileLike = G2) -> tuple[int, int, int, int, int]:
@@ -135,14 +240,34 @@ def decode(data: bytes | bytearray | memoryview, *, profile: ProfileLike = G2,
     """Parse one message (e.g. a FIFO slot).  Bytes beyond ``msg_size`` are
     ignored (slot leftovers); reserved type bits 2..7 are ignored.  Anything
     malformed raises RemoteProtocolError and nothing else."""
-    prof = get_profile(profile)
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"decode() needs bytes, got {type(data).__name__}")  # caller's bug, not the peer's
     # Copy first: the caller may hand us a view of shared memory the peer can
-    # still write (house style: copy before parse).
-    buf = bytes(data)
+    # still write (house style: copy before parse).  bytes are immutable.
+    if data.__class__ is not bytes:
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"decode() needs bytes, got {type(data).__name__}")  # caller's bug, not the peer's
+        data = bytes(data)
+    if profile is G2:
+        hs, peek, table = 8, _PEEK_G2, _DEC_G2
+    elif get_profile(profile).has_token:
+        hs, peek, table = 8, _PEEK_G2, _DEC_G2
+    else:
+        hs, peek, table = 6, _PEEK_G1, _DEC_G1
     try:
-        return _decode(buf, prof, max_size)
+        n = len(data)
+        if n < hs:
+            raise RemoteProtocolError(f"message too short: {n} bytes, header is {hs}")
+        kind, msg_size = peek(data)
+        if msg_size < hs or msg_size > max_size or msg_size > n:
+            raise _bad_size(msg_size, hs, max_size, n)
+        entry = table.get(kind & _KEY_MASK)
+        if entry is None:
+            raise _unknown(kind & 0xFF, kind >> 8)
+        min_size, unpack, make, from_wire = entry
+        if msg_size < min_size:
+            raise _too_short(kind, msg_size, min_size)
+        if make is not None:
+            return make(*unpack(data))
+        return from_wire(unpack(data), data[min_size:msg_size])
     except RemoteProtocolError:
         raise
     except (struct.error, ValueError, TypeError, IndexError, OverflowError, LocalProtocolError) as e:
@@ -150,27 +275,26 @@ def decode(data: bytes | bytearray | memoryview, *, profile: ProfileLike = G2,
         raise RemoteProtocolError(f"malformed message: {e}") from None
 
 
-def _decode(buf: bytes, prof: HeaderProfile, max_size: int) -> Message:
-    mtype, msg_id, dev_num, token, msg_size = peek_header(buf, prof)
-    if msg_size < prof.header_size or msg_size > max_size:
-        raise RemoteProtocolError(f"msg_size {msg_size} outside [{prof.header_size}, {max_size}]")
-    if msg_size > len(buf):
-        raise RemoteProtocolError(f"msg_size {msg_size} but only {len(buf)} bytes received")
+def _bad_size(msg_size: int, hs: int, max_size: int, n: int) -> RemoteProtocolError:
+    if msg_size > n and hs <= msg_size <= max_size:
+        return RemoteProtocolError(f"msg_size {msg_size} but only {n} bytes received")
+    return RemoteProtocolError(f"msg_size {msg_size} outside [{hs}, {max_size}]")
+
+
+def _too_short(kind: int, msg_size: int, min_size: int) -> RemoteProtocolError:
+    mtype, msg_id = kind & 0xFF, kind >> 8
+    name = _REGISTRY[(bool(mtype & TYPE_BUS), bool(mtype & TYPE_RESPONSE), msg_id)].NAME
+    return RemoteProtocolError(f"{name} msg_size {msg_size} is below its minimum {min_size}")
+
+
+def _unknown(mtype: int, msg_id: int) -> RemoteProtocolError:
     is_bus = bool(mtype & TYPE_BUS)
     is_resp = bool(mtype & TYPE_RESPONSE)
-    cls = _REGISTRY.get((is_bus, is_resp, msg_id))
-    if cls is None:
-        kind = "bus" if is_bus else "transport"
-        what = "response" if is_resp else "request/event"
-        if is_resp and msg_id & 0x40 and (is_bus, False, msg_id) in _REGISTRY:
-            raise RemoteProtocolError(f"{kind} event 0x{msg_id:02x} flagged as a response")
-        raise RemoteProtocolError(f"unknown {kind} {what} msg_id 0x{msg_id:02x}")
-    minimum = prof.header_size + cls._min_payload(prof.is_g1)
-    if msg_size < minimum:
-        raise RemoteProtocolError(f"{cls.NAME} msg_size {msg_size} is below its minimum {minimum}")
-    payload = buf[prof.header_size:msg_size]
-    header = {"dev_num": dev_num, "token": token, "msg_size": msg_size}
-    return cls._from_payload(payload, prof.is_g1, header)
+    kind = "bus" if is_bus else "transport"
+    what = "response" if is_resp else "request/event"
+    if is_resp and msg_id & MSG_ID_EVENT_BIT and (is_bus, False, msg_id) in _REGISTRY:
+        return RemoteProtocolError(f"{kind} event 0x{msg_id:02x} flagged as a response")
+    return RemoteProtocolError(f"unknown {kind} {what} msg_id 0x{msg_id:02x}")
 
 
 def _jsonable(value: Any) -> Any:
@@ -200,4 +324,3 @@ def describe(msg: Message, profile: ProfileLike = G2) -> dict[str, Any]:
         "msg_size": size,
         "payload": {k: _jsonable(v) for k, v in msg.payload_fields().items()},
     }
-

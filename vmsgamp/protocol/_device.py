@@ -23,16 +23,18 @@ class DeviceConnection(Connection):
 
     ROLE = "device"
 
-    def _may_send(self, msg: Message) -> bool:
-        if msg.IS_BUS:
+    @classmethod
+    def _sends(cls, mcls: type[Message]) -> bool:
+        if mcls.IS_BUS:
             return True  # GET_DEVICES/PING responses, EVENT_DEVICE, own PING
-        return msg.IS_RESPONSE or (msg.is_event() and not isinstance(msg, EventAvail))
+        return mcls.IS_RESPONSE or (mcls.is_event() and not issubclass(mcls, EventAvail))
 
-    def _may_receive(self, msg: Message) -> bool:
-        if msg.IS_BUS:
+    @classmethod
+    def _receives(cls, mcls: type[Message]) -> bool:
+        if mcls.IS_BUS:
             # GET_DEVICES and PING requests, and the answer to our own PING.
-            return isinstance(msg, (GetDevicesRequest, PingRequest, PingResponse))
-        return msg.is_request() or isinstance(msg, EventAvail)
+            return issubclass(mcls, (GetDevicesRequest, PingRequest, PingResponse))
+        return mcls.is_request() or issubclass(mcls, EventAvail)
 
     # -- answering ---------------------------------------------------------------
     def respond(self, request: Message, response: Message) -> list[bytes]:

@@ -6,7 +6,7 @@ from vmsgamp.errors import LocalProtocolError
 from ._codec import ProfileLike
 from ._constants import DEFAULT_MAX_MSG_SIZE, NUM_FEATURE_BITS, QEMU_MAX_MSG_SIZE, SLOT_SIZE
 from ._endpoint import DEFAULT_REQUEST_TIMEOUT, Connection, _Operation, _Pending
-from ._events import ConfigRead, Event, FeaturesRead, FeaturesWritten, OperationFailed
+from ._events import ConfigRead, Event, FeaturesRead, FeaturesWritten, OperationFailed, ResponseReceived
 from ._messages import (EventAvail, EventConfig, EventDevice, GetConfigRequest, GetConfigResponse,
                         GetDeviceFeaturesRequest, GetDeviceFeaturesResponse, GetDevicesRequest,
                         GetDevicesResponse, GetDeviceStatusResponse, Message, PingRequest, PingResponse,
@@ -20,6 +20,7 @@ __all__ = ["DriverConnection"]
 _CONFIG_OVERHEAD = 12
 _FEATURES_OVERHEAD = 8
 _MAX_GENERATION_RETRIES = 8
+_STATUS_RESPONSES = frozenset({SetDeviceStatusResponse, GetDeviceStatusResponse})
 
 
 class DriverConnection(Connection):
@@ -62,15 +63,17 @@ class DriverConnection(Connection):
         self._status.clear()
         return super().reset()
 
-    def _may_send(self, msg: Message) -> bool:
-        if msg.IS_BUS:
-            return isinstance(msg, (GetDevicesRequest, PingRequest, PingResponse))
-        return msg.is_request() or isinstance(msg, EventAvail)
+    @classmethod
+    def _sends(cls, mcls: type[Message]) -> bool:
+        if mcls.IS_BUS:
+            return issubclass(mcls, (GetDevicesRequest, PingRequest, PingResponse))
+        return mcls.is_request() or issubclass(mcls, EventAvail)
 
-    def _may_receive(self, msg: Message) -> bool:
-        if msg.IS_BUS:
-            return isinstance(msg, (GetDevicesResponse, PingRequest, PingResponse, EventDevice))
-        return msg.IS_RESPONSE or (msg.is_event() and not isinstance(msg, EventAvail))
+    @classmethod
+    def _receives(cls, mcls: type[Message]) -> bool:
+        if mcls.IS_BUS:
+            return issubclass(mcls, (GetDevicesResponse, PingRequest, PingResponse, EventDevice))
+        return mcls.IS_RESPONSE or (mcls.is_event() and not issubclass(mcls, EventAvail))
 
     # -- convenience senders ----------------------------------------------------
     def get_devices(self, now: float, *, offset: int = 0, count: int = 32) -> list[bytes]:
@@ -122,12 +125,14 @@ class DriverConnection(Connection):
 
     # -- tracking ------------------------------------------------------------------
     def _on_matched(self, pend: _Pending, response: Message, now: float) -> list[Event]:
-        if isinstance(response, (SetDeviceStatusResponse, GetDeviceStatusResponse)):
-            self._status[response.dev_num] = response.status
+        if response.__class__ in _STATUS_RESPONSES:
+            self._status[response.dev_num] = response.status  # type: ignore[attr-defined]
+        if pend.op is None:  # the common case, without the super() call
+            return [ResponseReceived(pend.request, response)]
         return super()._on_matched(pend, response, now)
 
     def _on_event(self, msg: Message) -> list[Event]:
-        if isinstance(msg, EventConfig):  # it carries the current status
+        if msg.__class__ is EventConfig:  # it carries the current status
             self._status[msg.dev_num] = msg.device_status
         return super()._on_event(msg)
 

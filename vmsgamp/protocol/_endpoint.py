@@ -8,24 +8,23 @@ any monotonic origin) and the caller asks ``next_deadline()`` when to call
 """
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
-from dataclasses import dataclass, field
 from typing import ClassVar, Union
 
 from vmsgamp.errors import LocalProtocolError, RemoteProtocolError
 
-from ._codec import ProfileLike, decode, encode, get_profile
+from ._codec import ProfileLike, decode, encode_with, encoder_table, get_profile
 from ._constants import DEFAULT_MAX_MSG_SIZE, SLOT_SIZE
 from ._events import (Counters, Event, NotificationReceived, PingReceived, RequestCancelled,
                       RequestReceived, RequestTimedOut, ResponseReceived)
-from ._messages import Message, PingRequest, PingResponse
+from ._messages import MESSAGE_CLASSES, REQUEST_CLASS, Message, PingRequest, PingResponse, replace_header
 
 # Own-request channel: a device number for transport requests, BUS for bus ones.
 BUS = "bus"
 ChannelKey = Union[int, str]
 
 DEFAULT_REQUEST_TIMEOUT = 5.0  # Linux waits 100 s; a co-processor link that is silent for 5 s is dead
+_NEVER = float("inf")
 
 
 class _Operation:
@@ -51,18 +50,26 @@ class _Operation:
         return [RequestCancelled(request)]
 
 
-@dataclass
 class _Pending:
-    request: Message
-    timeout: float
-    op: _Operation | None = None
-    deadline: float = 0.0
+    """One own request: the message as it goes on the wire (token filled in)
+    and its bytes, encoded once when submitted."""
+
+    __slots__ = ("request", "wire", "timeout", "op", "deadline")
+
+    def __init__(self, request: Message, wire: bytes, timeout: float, op: _Operation | None) -> None:
+        self.request = request
+        self.wire = wire
+        self.timeout = timeout
+        self.op = op
+        self.deadline = 0.0
 
 
-@dataclass
 class _Channel:
-    in_flight: _Pending | None = None
-    queue: deque[_Pending] = field(default_factory=deque)
+    __slots__ = ("in_flight", "queue")
+
+    def __init__(self) -> None:
+        self.in_flight: _Pending | None = None
+        self.queue: deque[_Pending] = deque()
 
 
 class Connection:
@@ -73,9 +80,20 @@ class Connection:
     transmit collects in an outbox, in order; ``send()`` returns it drained and
     ``data_to_send()`` drains what receive/timeout handling added (auto PING
     replies, queued requests released by a response or a timeout).
+
+    A subclass states its role's rules as ``_sends(message_class)`` and
+    ``_receives(message_class)``; they are evaluated once per class into
+    ``_SENDS``/``_RECEIVES``, so a message costs one set lookup.
     """
 
     ROLE: ClassVar[str] = "?"
+    _SENDS: ClassVar[frozenset[type[Message]]] = frozenset()
+    _RECEIVES: ClassVar[frozenset[type[Message]]] = frozenset()
+
+    def __init_subclass__(cls, **kw: object) -> None:
+        super().__init_subclass__(**kw)
+        cls._SENDS = frozenset(m for m in MESSAGE_CLASSES if cls._sends(m))
+        cls._RECEIVES = frozenset(m for m in MESSAGE_CLASSES if cls._receives(m))
 
     def __init__(self, *, profile: ProfileLike = "g2", max_msg_size: int = DEFAULT_MAX_MSG_SIZE,
                  max_rx_size: int = SLOT_SIZE, request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -100,17 +118,31 @@ class Connection:
         self.pad_to = pad_to
         self.strict_tokens = strict_tokens
         self.counters = Counters()
+        self._has_token = self.profile.has_token
+        self._encoders = encoder_table(self.profile)
         self._outbox: list[bytes] = []
         self._channels: dict[ChannelKey, _Channel] = {}
         self._incoming: dict[ChannelKey, deque[Message]] = {}
         self._last_token = 0
+        # Never later than the earliest deadline in flight (a lower bound:
+        # answered requests leave it stale), so handle_timeout() returns at
+        # once when nothing can have expired.
+        self._deadline_hint = _NEVER
 
     # -- role rules (overridden) ----------------------------------------------
-    def _may_send(self, msg: Message) -> bool:
+    @classmethod
+    def _sends(cls, mcls: type[Message]) -> bool:
         raise NotImplementedError
 
-    def _may_receive(self, msg: Message) -> bool:
+    @classmethod
+    def _receives(cls, mcls: type[Message]) -> bool:
         raise NotImplementedError
+
+    def _may_send(self, msg: Message) -> bool:
+        return msg.__class__ in self._SENDS
+
+    def _may_receive(self, msg: Message) -> bool:
+        return msg.__class__ in self._RECEIVES
 
     # -- public API -------------------------------------------------------------
     def send(self, msg: Message, now: float, *, timeout: float | None = None) -> list[bytes]:
@@ -122,15 +154,17 @@ class Connection:
         same msg_id on its device (its ``dev_num``; bus responses: the bus) and
         goes out with that request's token (``respond()`` names the request).  Events go out with token 0.
         """
-        if not self._may_send(msg):
+        cls = msg.__class__
+        if cls not in self._SENDS:
             raise LocalProtocolError(f"a {self.ROLE} does not send {_label(msg)}")
-        if msg.IS_RESPONSE:
+        if cls.IS_RESPONSE:
             self._answer(None, msg)
-        elif msg.is_event():
-            self._emit(dataclasses.replace(msg, token=0))
+        elif cls._IS_EVENT:
+            self._emit(replace_header(msg, msg.dev_num, 0) if msg.token else msg)
         else:
             self._submit(msg, now, timeout, None)
-        return self.data_to_send()
+        out, self._outbox = self._outbox, []
+        return out
 
     def data_to_send(self) -> list[bytes]:
         out, self._outbox = self._outbox, []
@@ -140,31 +174,37 @@ class Connection:
         """Process one received message.  Malformed, misdirected and
         unsolicited messages are counted and dropped; never raises a remote
         error."""
-        self.counters.rx_messages += 1
+        counters = self.counters
+        counters.rx_messages += 1
         try:
             msg = decode(data, profile=self.profile, max_size=self.max_rx_size)
         except RemoteProtocolError as e:
-            self.counters.rx_malformed += 1
-            self.counters.last_error = str(e)
+            counters.rx_malformed += 1
+            counters.last_error = str(e)
             return []
         return self.receive_message(msg, now)
 
     def receive_message(self, msg: Message, now: float) -> list[Event]:
         """Same as receive_bytes for an already decoded message."""
-        if not self._may_receive(msg):
+        cls = msg.__class__
+        if cls not in self._RECEIVES:
             self.counters.rx_unexpected += 1
             self.counters.last_error = f"unexpected {_label(msg)} for a {self.ROLE}"
             return []
-        if msg.IS_RESPONSE:
+        if cls.IS_RESPONSE:
             return self._on_response(msg, now)
-        if msg.is_event():
+        if cls._IS_EVENT:
             return self._on_event(msg)
-        if isinstance(msg, PingRequest):
+        if cls is PingRequest:
             # Both sides answer PING (Linux does); echo token, dev_num 0.
-            self._emit(PingResponse(data=msg.data, token=msg.token, dev_num=msg.dev_num))
+            self._emit(PingResponse._make(msg.dev_num, msg.token, 0, msg.data))  # type: ignore[attr-defined]
             self.counters.pings_answered += 1
             return [PingReceived(msg)]
-        self._incoming.setdefault(_channel_key(msg), deque()).append(msg)
+        key = BUS if cls.IS_BUS else msg.dev_num
+        queue = self._incoming.get(key)
+        if queue is None:
+            queue = self._incoming[key] = deque()
+        queue.append(msg)
         return [RequestReceived(msg)]
 
     def next_deadline(self) -> float | None:
@@ -173,15 +213,24 @@ class Connection:
         return min(deadlines) if deadlines else None
 
     def handle_timeout(self, now: float) -> list[Event]:
+        if now < self._deadline_hint:
+            return []  # nothing in flight can have expired (called on every bus poll)
         events: list[Event] = []
+        hint = _NEVER
         for key, ch in list(self._channels.items()):
             pend = ch.in_flight
-            if pend is None or pend.deadline > now:
+            if pend is None:
+                continue
+            if pend.deadline > now:
+                hint = min(hint, pend.deadline)
                 continue
             self.counters.timeouts += 1
             ch.in_flight = None
             events.extend(pend.op.on_timeout(pend.request) if pend.op else [RequestTimedOut(pend.request)])
             self._start_next(key, now)
+            if ch.in_flight is not None:
+                hint = min(hint, ch.in_flight.deadline)
+        self._deadline_hint = hint  # every request in flight was looked at
         return events
 
     def pending_requests(self) -> int:
@@ -203,66 +252,75 @@ class Connection:
         self._channels.clear()
         self._incoming.clear()
         self._outbox.clear()
+        self._deadline_hint = _NEVER
         return events
 
     # -- internals ---------------------------------------------------------------
     def _encode(self, msg: Message) -> bytes:
-        return encode(msg, profile=self.profile, max_size=self.max_msg_size, pad_to=self.pad_to)
+        return encode_with(self._encoders, msg, self.max_msg_size, self.pad_to)
 
     def _emit(self, msg: Message) -> None:
-        self._outbox.append(self._encode(msg))
+        self._outbox.append(encode_with(self._encoders, msg, self.max_msg_size, self.pad_to))
         self.counters.tx_messages += 1
-
-    def _new_token(self) -> int:
-        # Non-zero and distinct from recent ones; with one request in flight per
-        # channel that is unique among in-flight (dev_num, token).
-        self._last_token = self._last_token % 0xFFFF + 1
-        return self._last_token
 
     def _submit(self, msg: Message, now: float, timeout: float | None, op: _Operation | None,
                 *, front: bool = False) -> None:
-        if self.profile.has_token and msg.token == 0:
-            msg = dataclasses.replace(msg, token=self._new_token())
-        elif not self.profile.has_token and msg.token:
-            msg = dataclasses.replace(msg, token=0)  # g1 has no token on the wire
-        self._encode(msg)  # raise LocalProtocolError now, not when dequeued
-        pend = _Pending(msg, self.request_timeout if timeout is None else timeout, op)
-        key = _channel_key(msg)
-        ch = self._channels.setdefault(key, _Channel())
-        if front:
+        if self._has_token:
+            if msg.token == 0:
+                # Non-zero and distinct from recent ones; with one request in
+                # flight per channel that is unique among in-flight (dev_num, token).
+                self._last_token = token = self._last_token % 0xFFFF + 1
+                msg = replace_header(msg, msg.dev_num, token)
+        elif msg.token:
+            msg = replace_header(msg, msg.dev_num, 0)  # g1 has no token on the wire
+        # Encoded now: a LocalProtocolError belongs to this call, not to the
+        # response that releases it from the queue later.
+        pend = _Pending(msg, encode_with(self._encoders, msg, self.max_msg_size, self.pad_to),
+                        self.request_timeout if timeout is None else timeout, op)
+        key = BUS if msg.IS_BUS else msg.dev_num
+        ch = self._channels.get(key)
+        if ch is None:
+            ch = self._channels[key] = _Channel()
+        if ch.in_flight is None and not ch.queue:
+            self._put_in_flight(ch, pend, now)  # idle channel: straight out
+        elif front:
             ch.queue.appendleft(pend)
         else:
             ch.queue.append(pend)
-        if ch.in_flight is None:
-            self._start_next(key, now)
 
     def _start_next(self, key: ChannelKey, now: float) -> None:
         ch = self._channels.get(key)
         if ch is None or ch.in_flight is not None or not ch.queue:
             return
-        pend = ch.queue.popleft()
-        pend.deadline = now + pend.timeout
+        self._put_in_flight(ch, ch.queue.popleft(), now)
+
+    def _put_in_flight(self, ch: _Channel, pend: _Pending, now: float) -> None:
+        pend.deadline = deadline = now + pend.timeout
+        if deadline < self._deadline_hint:
+            self._deadline_hint = deadline
         ch.in_flight = pend
-        self._emit(pend.request)
+        self._outbox.append(pend.wire)
+        self.counters.tx_messages += 1
 
     def _on_response(self, msg: Message, now: float) -> list[Event]:
-        key = _channel_key(msg)
+        key = BUS if msg.IS_BUS else msg.dev_num
         ch = self._channels.get(key)
-        pend = ch.in_flight if ch else None
-        req = pend.request if pend else None
-        if req is None or req.MSG_ID != msg.MSG_ID or req.IS_BUS != msg.IS_BUS:
+        pend = ch.in_flight if ch is not None else None
+        if pend is None or pend.request.__class__ is not REQUEST_CLASS[msg.__class__]:
             self.counters.rx_unsolicited += 1
             self.counters.last_error = f"unsolicited {_label(msg)} dev {msg.dev_num} token {msg.token}"
             return []
-        if self.profile.has_token and msg.token != req.token and not (msg.IS_BUS and msg.token == 0):
+        req = pend.request
+        if self._has_token and msg.token != req.token and not (msg.IS_BUS and msg.token == 0):
             self.counters.token_mismatches += 1
             self.counters.last_error = f"{_label(msg)} token {msg.token}, request had {req.token}"
             if self.strict_tokens:
                 return []
-        assert ch is not None and pend is not None
+        assert ch is not None
         ch.in_flight = None
         events = self._on_matched(pend, msg, now)
-        self._start_next(key, now)
+        if ch.queue:
+            self._start_next(key, now)
         return events
 
     def _on_matched(self, pend: _Pending, response: Message, now: float) -> list[Event]:
@@ -280,21 +338,25 @@ class Connection:
     def _answer(self, request: Message | None, response: Message) -> None:
         key = _channel_key(response) if request is None else _channel_key(request)
         queue = self._incoming.get(key)
+        wanted = REQUEST_CLASS.get(response.__class__)  # None: not a response
         if request is None:
-            request = next((r for r in queue or () if r.MSG_ID == response.MSG_ID), None)
+            request = next((r for r in queue or () if r.__class__ is wanted), None)
             if request is None:
                 raise LocalProtocolError(f"no unanswered {response.NAME} request on {_where(key)}")
-        elif queue is None or not any(r is request for r in queue):
+        elif not queue or (queue[0] is not request and not any(r is request for r in queue)):
             raise LocalProtocolError(f"{_label(request)} is not an unanswered request")
-        if response.IS_BUS != request.IS_BUS or response.MSG_ID != request.MSG_ID or not response.IS_RESPONSE:
+        if request.__class__ is not wanted:
             raise LocalProtocolError(f"{_label(response)} does not answer {_label(request)}")
         # Echo token and dev_num (reference 1.8, 3.2).
-        self._emit(dataclasses.replace(response, token=request.token, dev_num=request.dev_num))
+        self._emit(replace_header(response, request.dev_num, request.token))
         assert queue is not None
-        for i, r in enumerate(queue):
-            if r is request:
-                del queue[i]
-                break
+        if queue[0] is request:
+            queue.popleft()
+        else:
+            for i, r in enumerate(queue):
+                if r is request:  # by identity: two requests may be equal
+                    del queue[i]
+                    break
         if not queue:
             del self._incoming[key]
 
@@ -303,7 +365,9 @@ def _channel_key(msg: Message) -> ChannelKey:
     return BUS if msg.IS_BUS else msg.dev_num
 
 
-def _label(msg: Message) -> str:
+def _label(msg: object) -> str:
+    if not isinstance(msg, Message):
+        return f"{type(msg).__name__} (not a virtio-msg message)"
     kind = "bus" if msg.IS_BUS else "transport"
     what = "response" if msg.IS_RESPONSE else ("event" if msg.is_event() else "request")
     return f"{kind} {msg.NAME} {what}"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ._fastinit import fast_init
 from ._messages import Message
 
 __all__ = [
@@ -21,11 +22,13 @@ __all__ = [
 ]
 
 
+@fast_init
 @dataclass(frozen=True)
 class Event:
     """Base class of every event."""
 
 
+@fast_init
 @dataclass(frozen=True)
 class RequestReceived(Event):
     """The peer sent a request we must answer (device side: transport requests
@@ -34,6 +37,7 @@ class RequestReceived(Event):
     request: Message
 
 
+@fast_init
 @dataclass(frozen=True)
 class ResponseReceived(Event):
     """One of our requests was answered.  ``request`` is the request as it went
@@ -43,11 +47,13 @@ class ResponseReceived(Event):
     response: Message
 
 
+@fast_init
 @dataclass(frozen=True)
 class RequestTimedOut(Event):
     request: Message
 
 
+@fast_init
 @dataclass(frozen=True)
 class RequestCancelled(Event):
     """Dropped by ``reset()`` (peer restart): it will never be answered."""
@@ -55,6 +61,7 @@ class RequestCancelled(Event):
     request: Message
 
 
+@fast_init
 @dataclass(frozen=True)
 class NotificationReceived(Event):
     """An event message from the peer (EVENT_CONFIG, EVENT_USED, EVENT_AVAIL,
@@ -63,6 +70,7 @@ class NotificationReceived(Event):
     message: Message
 
 
+@fast_init
 @dataclass(frozen=True)
 class PingReceived(Event):
     """The peer pinged us; the reply is already in the outbox (proof of life)."""
@@ -70,6 +78,7 @@ class PingReceived(Event):
     request: Message
 
 
+@fast_init
 @dataclass(frozen=True)
 class ConfigRead(Event):
     """A chunked ``read_config()`` completed with one consistent generation."""
@@ -80,6 +89,7 @@ class ConfigRead(Event):
     data: bytes
 
 
+@fast_init
 @dataclass(frozen=True)
 class FeaturesRead(Event):
     """``read_features()`` completed; bit n = feature bit n."""
@@ -89,6 +99,7 @@ class FeaturesRead(Event):
     num_bits: int
 
 
+@fast_init
 @dataclass(frozen=True)
 class FeaturesWritten(Event):
     dev_num: int
@@ -96,6 +107,7 @@ class FeaturesWritten(Event):
     num_bits: int
 
 
+@fast_init
 @dataclass(frozen=True)
 class OperationFailed(Event):
     """A multi-message operation (read_config, read/write_features) gave up."""

@@ -9,18 +9,21 @@ optional on the wire.
 
 Each class knows its payload layout (``_FMT``, a little-endian struct format for
 the fixed part, optionally a different one for the 6-byte-header "g1"
-generation) and how to turn a tail of bytes into fields.  Header handling,
-size limits and error translation live in ``_codec``.
+generation; ``_FIELDS``, the words it packs) and, if the payload has a
+variable-length tail, how to build and parse it (``_tail``/``_from_wire``).
+Header handling, size limits, error translation and the compiled per-class
+encoders and decoders live in ``_codec``.
 """
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, TypeVar
 
-from vmsgamp.errors import RemoteProtocolError
+from vmsgamp.errors import LocalProtocolError, RemoteProtocolError
 
-from ._constants import BusMsgId, TransportMsgId
+from ._constants import MSG_ID_EVENT_BIT, BusMsgId, TransportMsgId
+from ._fastinit import fast_init
 
 __all__ = [
     "Message",
@@ -59,8 +62,20 @@ __all__ = [
 
 _HEADER_FIELDS = ("dev_num", "token", "msg_size")
 
+M = TypeVar("M", bound=type)
 
-@dataclass(frozen=True, kw_only=True)
+
+def _message(cls: M) -> M:
+    """``@dataclass(frozen=True, kw_only=True)`` plus the cheaper constructors
+    of ``_fastinit`` and the class facts the codec and state machines look up
+    on every message (``_IS_EVENT``)."""
+    cls = fast_init(dataclass(frozen=True, kw_only=True)(cls))
+    msg_id = cls.__dict__.get("MSG_ID")
+    cls._IS_EVENT = msg_id is not None and bool(msg_id & MSG_ID_EVENT_BIT)
+    return cls
+
+
+@_message
 class Message:
     """Base of every message.
 
@@ -75,10 +90,13 @@ class Message:
     NAME: ClassVar[str]
     IS_BUS: ClassVar[bool] = False
     IS_RESPONSE: ClassVar[bool] = False
+    _IS_EVENT: ClassVar[bool] = False
     _FMT: ClassVar[str] = "<"
     _FMT_G1: ClassVar[str | None] = None  # only where the 6-byte generation differs
-    _FIELDS: ClassVar[tuple[str, ...]] = ()  # fields packed by _FMT, in order
+    _FIELDS: ClassVar[tuple[str, ...]] = ()  # payload words packed by _FMT, in wire order
     _DESCRIBE: ClassVar[tuple[str, ...] | None] = None  # payload keys for describe(), wire order
+    # Set by fast_init: every field, positionally, in declaration order.
+    _make: ClassVar[Callable[..., Any]]
 
     dev_num: int = 0
     token: int = 0
@@ -87,46 +105,28 @@ class Message:
     # -- classification ------------------------------------------------------
     @classmethod
     def is_event(cls) -> bool:
-        return bool(cls.MSG_ID & 0x40)
+        return cls._IS_EVENT
 
     @classmethod
     def is_request(cls) -> bool:
-        return not cls.IS_RESPONSE and not cls.is_event()
+        return not cls.IS_RESPONSE and not cls._IS_EVENT
 
     @property
     def type_byte(self) -> int:
         return (1 if self.IS_RESPONSE else 0) | (2 if self.IS_BUS else 0)
 
-    # -- payload codec (header-free; the codec adds the header) ---------------
-    @classmethod
-    def _fmt(cls, g1: bool) -> str:
-        return cls._FMT_G1 if (g1 and cls._FMT_G1 is not None) else cls._FMT
-
-    @classmethod
-    def _min_payload(cls, g1: bool) -> int:
-        return struct.calcsize(cls._fmt(g1))
-
-    def _fixed_values(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self._FIELDS)
-
-    def _tail(self) -> bytes:
-        return b""
-
-    def _pack_payload(self, g1: bool) -> bytes:
-        return struct.pack(self._fmt(g1), *self._fixed_values()) + self._tail()
-
-    @classmethod
-    def _from_payload(cls, payload: bytes, g1: bool, header: dict[str, int]) -> "Message":
-        fmt = cls._fmt(g1)
-        fixed = struct.unpack_from(fmt, payload, 0)
-        tail = payload[struct.calcsize(fmt):]
-        return cls._build(dict(zip(cls._FIELDS, fixed)), tail, header)
-
-    @classmethod
-    def _build(cls, values: dict[str, Any], tail: bytes, header: dict[str, int]) -> "Message":
-        # Bytes beyond the fixed part of a fixed-size message are padding inside
-        # msg_size: tolerated and ignored.
-        return cls(**values, **header)
+    # -- wire hooks (the codec owns headers, sizes and error translation) ------
+    # A message whose payload is more than the fixed words of _FMT overrides:
+    #   _tail(self) -> bytes: what follows the fixed words;
+    #   _from_wire(cls, head, tail) -> Message: build from
+    #       head = (dev_num, token, msg_size, *the _FIELDS words) and the bytes
+    #       after the fixed words up to msg_size; it raises RemoteProtocolError
+    #       for counts that do not fit.  Fixed-size messages are built with
+    #       _make(*head) and tolerate padding inside msg_size.
+    #   _check_encode(self): rules struct cannot see (LocalProtocolError).
+    _tail: ClassVar[Callable[[Any], bytes] | None] = None
+    _from_wire: ClassVar[Callable[..., Any] | None] = None
+    _check_encode: ClassVar[Callable[[Any], None] | None] = None
 
     def payload_fields(self) -> dict[str, Any]:
         """The payload as a dict in wire order (derived counts included)."""
@@ -136,16 +136,23 @@ class Message:
         return {name: getattr(self, name) for name in names}
 
 
+# Feature words: precompiled for every count that fits a 64-byte slot.
+_U32_WORDS = tuple(struct.Struct(f"<{n}I") for n in range(17))
+_MAX_WORDS = len(_U32_WORDS)
+
+
+def _u32_struct(count: int) -> struct.Struct:
+    return _U32_WORDS[count] if count < _MAX_WORDS else struct.Struct(f"<{count}I")
+
+
 def _u32_words(tail: bytes, count: int, what: str) -> tuple[int, ...]:
     if count * 4 > len(tail):
         raise RemoteProtocolError(f"{what}: num_blocks {count} needs {count * 4} bytes, message has {len(tail)}")
-    return struct.unpack_from(f"<{count}I", tail, 0)
+    return _u32_struct(count).unpack_from(tail, 0)
 
 
-def _take(tail: bytes, length: int, what: str) -> bytes:
-    if length > len(tail):
-        raise RemoteProtocolError(f"{what}: length {length} but only {len(tail)} data bytes in msg_size")
-    return bytes(tail[:length])
+def _short_tail(what: str, length: int, tail: bytes) -> RemoteProtocolError:
+    return RemoteProtocolError(f"{what}: length {length} but only {len(tail)} data bytes in msg_size")
 
 
 # ---------------------------------------------------------------------------
@@ -153,13 +160,13 @@ def _take(tail: bytes, length: int, what: str) -> bytes:
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetDeviceInfoRequest(Message):
     MSG_ID = TransportMsgId.GET_DEVICE_INFO
     NAME = "GET_DEVICE_INFO"
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetDeviceInfoResponse(Message):
     MSG_ID = TransportMsgId.GET_DEVICE_INFO
     NAME = "GET_DEVICE_INFO"
@@ -177,7 +184,7 @@ class GetDeviceInfoResponse(Message):
     admin_vq_count: int = 0
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetDeviceFeaturesRequest(Message):
     MSG_ID = TransportMsgId.GET_DEVICE_FEATURES
     NAME = "GET_DEVICE_FEATURES"
@@ -203,12 +210,17 @@ class _FeatureBlocks:
         return len(self.features)
 
     def _tail(self) -> bytes:
-        return struct.pack(f"<{len(self.features)}I", *self.features)
+        words = self.features
+        return (_U32_WORDS[len(words)] if len(words) < _MAX_WORDS else _u32_struct(len(words))).pack(*words)
 
     @classmethod
-    def _build(cls, values: dict[str, Any], tail: bytes, header: dict[str, int]) -> Any:
-        words = _u32_words(tail, values.pop("num_blocks"), cls.NAME)
-        return cls(block_index=values["block_index"], features=words, **header)  # type: ignore[call-arg]
+    def _from_wire(cls, head: tuple[int, ...], tail: bytes) -> Any:
+        dev_num, token, msg_size, block_index, num_blocks = head
+        if num_blocks < _MAX_WORDS and num_blocks * 4 <= len(tail):
+            words = _U32_WORDS[num_blocks].unpack_from(tail)
+        else:
+            words = _u32_words(tail, num_blocks, cls.NAME)
+        return cls._make(dev_num, token, msg_size, block_index, words)  # type: ignore[attr-defined]
 
     def as_int(self) -> int:
         """The blocks as one integer (bit 0 = feature bit 32*block_index)."""
@@ -218,7 +230,7 @@ class _FeatureBlocks:
         return value << (32 * self.block_index)
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetDeviceFeaturesResponse(_FeatureBlocks, Message):
     MSG_ID = TransportMsgId.GET_DEVICE_FEATURES
     NAME = "GET_DEVICE_FEATURES"
@@ -228,7 +240,7 @@ class GetDeviceFeaturesResponse(_FeatureBlocks, Message):
     features: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class SetDriverFeaturesRequest(_FeatureBlocks, Message):
     MSG_ID = TransportMsgId.SET_DRIVER_FEATURES
     NAME = "SET_DRIVER_FEATURES"
@@ -237,14 +249,14 @@ class SetDriverFeaturesRequest(_FeatureBlocks, Message):
     features: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class SetDriverFeaturesResponse(Message):
     MSG_ID = TransportMsgId.SET_DRIVER_FEATURES
     NAME = "SET_DRIVER_FEATURES"
     IS_RESPONSE = True
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetConfigRequest(Message):
     MSG_ID = TransportMsgId.GET_CONFIG
     NAME = "GET_CONFIG"
@@ -273,13 +285,14 @@ class _ConfigData:
         return bytes(self.data)
 
     @classmethod
-    def _build(cls, values: dict[str, Any], tail: bytes, header: dict[str, int]) -> Any:
-        data = _take(tail, values["length"], cls.NAME)
-        return cls(generation=values["generation"], offset=values["offset"], data=data,  # type: ignore[call-arg]
-                   **header)
+    def _from_wire(cls, head: tuple[int, ...], tail: bytes) -> Any:
+        dev_num, token, msg_size, generation, offset, length = head
+        if length > len(tail):
+            raise _short_tail(cls.NAME, length, tail)
+        return cls._make(dev_num, token, msg_size, generation, offset, tail[:length])  # type: ignore[attr-defined]
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetConfigResponse(_ConfigData, Message):
     MSG_ID = TransportMsgId.GET_CONFIG
     NAME = "GET_CONFIG"
@@ -290,7 +303,7 @@ class GetConfigResponse(_ConfigData, Message):
     data: bytes = b""
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class SetConfigRequest(_ConfigData, Message):
     MSG_ID = TransportMsgId.SET_CONFIG
     NAME = "SET_CONFIG"
@@ -300,7 +313,7 @@ class SetConfigRequest(_ConfigData, Message):
     data: bytes = b""
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class SetConfigResponse(Message):
     """``length`` is the number of bytes applied (0 = rejected); ``data`` is the
     optional echo (empty, or exactly ``length`` bytes)."""
@@ -319,22 +332,26 @@ class SetConfigResponse(Message):
     def _tail(self) -> bytes:
         return bytes(self.data)
 
+    def _check_encode(self) -> None:
+        if self.data and len(self.data) != self.length:
+            raise LocalProtocolError("SET_CONFIG response: echoed data must be empty or exactly `length` bytes")
+
     @classmethod
-    def _build(cls, values: dict[str, Any], tail: bytes, header: dict[str, int]) -> Message:
+    def _from_wire(cls, head: tuple[int, ...], tail: bytes) -> Message:
         # The echo is optional (reference 1.4: "12+len or 12"): present only if
         # msg_size covers all of it.
-        length = values["length"]
+        dev_num, token, msg_size, generation, offset, length = head
         data = bytes(tail[:length]) if length and len(tail) >= length else b""
-        return cls(**values, data=data, **header)
+        return cls._make(dev_num, token, msg_size, generation, offset, length, data)
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetDeviceStatusRequest(Message):
     MSG_ID = TransportMsgId.GET_DEVICE_STATUS
     NAME = "GET_DEVICE_STATUS"
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetDeviceStatusResponse(Message):
     MSG_ID = TransportMsgId.GET_DEVICE_STATUS
     NAME = "GET_DEVICE_STATUS"
@@ -345,7 +362,7 @@ class GetDeviceStatusResponse(Message):
     status: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class SetDeviceStatusRequest(Message):
     MSG_ID = TransportMsgId.SET_DEVICE_STATUS
     NAME = "SET_DEVICE_STATUS"
@@ -355,7 +372,7 @@ class SetDeviceStatusRequest(Message):
     status: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class SetDeviceStatusResponse(Message):
     MSG_ID = TransportMsgId.SET_DEVICE_STATUS
     NAME = "SET_DEVICE_STATUS"
@@ -366,7 +383,7 @@ class SetDeviceStatusResponse(Message):
     status: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetVqueueRequest(Message):
     MSG_ID = TransportMsgId.GET_VQUEUE
     NAME = "GET_VQUEUE"
@@ -376,7 +393,7 @@ class GetVqueueRequest(Message):
     index: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetVqueueResponse(Message):
     """``cur_size`` is the G2 name; the G1 uapi calls the same word ``size``."""
 
@@ -395,7 +412,7 @@ class GetVqueueResponse(Message):
     device_addr: int = 0
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class SetVqueueRequest(Message):
     MSG_ID = TransportMsgId.SET_VQUEUE
     NAME = "SET_VQUEUE"
@@ -410,14 +427,14 @@ class SetVqueueRequest(Message):
     device_addr: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class SetVqueueResponse(Message):
     MSG_ID = TransportMsgId.SET_VQUEUE
     NAME = "SET_VQUEUE"
     IS_RESPONSE = True
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class ResetVqueueRequest(Message):
     MSG_ID = TransportMsgId.RESET_VQUEUE
     NAME = "RESET_VQUEUE"
@@ -427,14 +444,14 @@ class ResetVqueueRequest(Message):
     index: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class ResetVqueueResponse(Message):
     MSG_ID = TransportMsgId.RESET_VQUEUE
     NAME = "RESET_VQUEUE"
     IS_RESPONSE = True
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetShmRequest(Message):
     MSG_ID = TransportMsgId.GET_SHM
     NAME = "GET_SHM"
@@ -444,7 +461,7 @@ class GetShmRequest(Message):
     index: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetShmResponse(Message):
     """SPEC-PR28 layout (``address`` only 32 bits; G1 calls ``length`` ``count``).
     Newer drafts widen it; do not rely on GET_SHM (reference 1.4)."""
@@ -460,7 +477,7 @@ class GetShmResponse(Message):
     address: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class EventConfig(Message):
     MSG_ID = TransportMsgId.EVENT_CONFIG
     NAME = "EVENT_CONFIG"
@@ -481,12 +498,14 @@ class EventConfig(Message):
         return bytes(self.data)
 
     @classmethod
-    def _build(cls, values: dict[str, Any], tail: bytes, header: dict[str, int]) -> Message:
-        data = _take(tail, values.pop("length"), cls.NAME)
-        return cls(**values, data=data, **header)
+    def _from_wire(cls, head: tuple[int, ...], tail: bytes) -> Message:
+        dev_num, token, msg_size, device_status, generation, offset, length = head
+        if length > len(tail):
+            raise _short_tail(cls.NAME, length, tail)
+        return cls._make(dev_num, token, msg_size, device_status, generation, offset, tail[:length])
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class EventAvail(Message):
     """``next_offset_wrap``: bits 30..0 offset, bit 31 wrap; 0 unless
     VIRTIO_F_NOTIFICATION_DATA was negotiated."""
@@ -508,7 +527,7 @@ class EventAvail(Message):
         return bool(self.next_offset_wrap >> 31)
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class EventUsed(Message):
     MSG_ID = TransportMsgId.EVENT_USED
     NAME = "EVENT_USED"
@@ -523,7 +542,7 @@ class EventUsed(Message):
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetDevicesRequest(Message):
     """``count`` must be a multiple of 8 (Linux asks ``{0, 32}``)."""
 
@@ -536,14 +555,18 @@ class GetDevicesRequest(Message):
     offset: int = 0
     count: int = 32
 
+    def _check_encode(self) -> None:
+        if self.count % 8:
+            raise LocalProtocolError(f"GET_DEVICES count {self.count} is not a multiple of 8")
+
     @classmethod
-    def _build(cls, values: dict[str, Any], tail: bytes, header: dict[str, int]) -> Message:
-        if values["count"] % 8:
-            raise RemoteProtocolError(f"GET_DEVICES count {values['count']} is not a multiple of 8")
-        return cls(**values, **header)
+    def _from_wire(cls, head: tuple[int, ...], tail: bytes) -> Message:
+        if head[4] % 8:
+            raise RemoteProtocolError(f"GET_DEVICES count {head[4]} is not a multiple of 8")
+        return cls._make(*head)
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class GetDevicesResponse(Message):
     """``bitmap`` bit n (LSB first in each byte) = device ``offset + n`` present;
     ``count`` = 8 * len(bitmap); ``next_offset`` 0 = no more devices."""
@@ -568,12 +591,13 @@ class GetDevicesResponse(Message):
         return bytes(self.bitmap)
 
     @classmethod
-    def _build(cls, values: dict[str, Any], tail: bytes, header: dict[str, int]) -> Message:
-        count = values.pop("count")
+    def _from_wire(cls, head: tuple[int, ...], tail: bytes) -> Message:
+        dev_num, token, msg_size, offset, count, next_offset = head
         if count % 8:
             raise RemoteProtocolError(f"GET_DEVICES response count {count} is not a multiple of 8")
-        bitmap = _take(tail, count // 8, "GET_DEVICES bitmap")
-        return cls(**values, bitmap=bitmap, **header)
+        if count // 8 > len(tail):
+            raise _short_tail("GET_DEVICES bitmap", count // 8, tail)
+        return cls._make(dev_num, token, msg_size, offset, next_offset, tail[:count // 8])
 
     @classmethod
     def from_devices(cls, devices: Iterable[int], *, offset: int = 0, count: int = 32,
@@ -594,7 +618,7 @@ class GetDevicesResponse(Message):
         return [self.offset + i for i in range(self.count) if self.bitmap[i // 8] >> (i % 8) & 1]
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class PingRequest(Message):
     MSG_ID = BusMsgId.PING
     NAME = "PING"
@@ -605,7 +629,7 @@ class PingRequest(Message):
     data: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class PingResponse(Message):
     MSG_ID = BusMsgId.PING
     NAME = "PING"
@@ -617,7 +641,7 @@ class PingResponse(Message):
     data: int
 
 
-@dataclass(frozen=True, kw_only=True)
+@_message
 class EventDevice(Message):
     MSG_ID = BusMsgId.EVENT_DEVICE
     NAME = "EVENT_DEVICE"
@@ -627,6 +651,17 @@ class EventDevice(Message):
 
     device_number: int
     device_bus_state: int
+
+
+def replace_header(msg: M, dev_num: int, token: int) -> M:  # type: ignore[type-var]
+    """``dataclasses.replace(msg, dev_num=dev_num, token=token)`` without the
+    generic machinery (the connections do it for every request and response)."""
+    new = object.__new__(msg.__class__)
+    d = new.__dict__
+    d.update(msg.__dict__)
+    d["dev_num"] = dev_num
+    d["token"] = token
+    return new
 
 
 MESSAGE_CLASSES: tuple[type[Message], ...] = (
@@ -646,3 +681,9 @@ MESSAGE_CLASSES: tuple[type[Message], ...] = (
     PingRequest, PingResponse,
     EventDevice,
 )
+
+# Response class -> the request class it answers (same kind and msg_id).
+REQUEST_CLASS: dict[type[Message], type[Message]] = {
+    resp: req for resp in MESSAGE_CLASSES if resp.IS_RESPONSE for req in MESSAGE_CLASSES
+    if req.is_request() and req.IS_BUS == resp.IS_BUS and req.MSG_ID == resp.MSG_ID
+}

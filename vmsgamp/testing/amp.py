@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 from vmsgamp._core.addrspace import AddressSpace, RegionAllocator
-from vmsgamp._core.doorbell import EventfdDoorbell
+from vmsgamp._core.doorbell import EventfdDoorbell, PollingDoorbell
 from vmsgamp._core.fifo import MsgFifo
 from vmsgamp._core.region import Region
 from vmsgamp.bus import AmpBus, AmpDriver, DeviceServer
@@ -44,11 +44,19 @@ def _serve(region: Region, doorbell, factory, layout: str, offer_packed: bool,
 def amp_pair(factory: Callable[[], Sequence[VirtioDevice] | dict[int, VirtioDevice]], *,
              layout: str = "b", region_size: int = 4 << 20, process: bool = True,
              offer_packed: bool = True, timeout: float = 5.0,
-             server_hook: Callable[[DeviceServer], None] | None = None) -> Iterator[AmpDriver]:
+             server_hook: Callable[[DeviceServer], None] | None = None,
+             doorbell: str = "eventfd") -> Iterator[AmpDriver]:
     """``server_hook(server)`` runs in the device process before it serves
-    (e.g. ``server.add_fd(pipe, callback)`` to let a test steer hot-plug)."""
+    (e.g. ``server.add_fd(pipe, callback)`` to let a test steer hot-plug).
+    ``doorbell``: "eventfd" (as ivshmem: interrupts both ways) or "polling"
+    (as the shm: carrier: no interrupt, waiters poll)."""
+    if doorbell not in ("eventfd", "polling"):
+        raise ValueError(f"doorbell {doorbell!r}: expected 'eventfd' or 'polling'")
     region = Region.memfd(region_size)
-    dev_bell, drv_bell = EventfdDoorbell.pair()
+    if doorbell == "eventfd":
+        dev_bell, drv_bell = EventfdDoorbell.pair()
+    else:
+        dev_bell, drv_bell = PollingDoorbell(), PollingDoorbell()
     pid = 0
     stop = threading.Event()
     thread = None
