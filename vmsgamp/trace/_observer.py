@@ -1,0 +1,384 @@
+"""A passive, read-only observer of a live AMP bus (both directions).
+
+It never writes a byte and never rings a doorbell: it follows each
+direction's producer index (Gen B: each side's queue head ``tail``; Gen A:
+each block's producer word), copies the whole element array out with one
+bulk read and validates the messages in that private copy.
+
+Falling behind.  The indices wrap at the ring size N, so a producer that
+advanced by N or more between two looks is not visible in its index alone.
+Three checks catch it, each with the same outcome (a :class:`Missed` record
+instead of messages that may be garbage):
+
+* the slot copy is only trusted for messages the producer cannot have
+  started to overwrite: the producer index is re-read *after* the copy, and a
+  message more than N - 1 behind it may be torn;
+* the consumer's index may never be ahead of the producer's in our count: if
+  it is, the producer went round unseen;
+* slots the producer had no business writing since the last look must hold
+  the same bytes as then; if they changed, it went round unseen.
+
+Only a producer that went round rewriting every slot with identical bytes
+escapes all three (then the count of missed messages is low by a lap); the
+observer polls without sleeping while traffic flows to keep that unlikely.
+When the producer went round unseen, the number missed is a lower bound
+(``Missed.at_least``).
+
+Memory order: the observer is a third reader.  Each producer index is read
+with an acquire load (pairs with the producer's release store R1 in
+``vmsgamp/_core/fifo.pyx``), so the slots it publishes are visible before they
+are copied; the consumer index with an acquire load (pairs with R2); queue
+head status words with acquire loads (pair with R3).
+"""
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+
+from vmsgamp._core.fifo import PLACEMENTS, read_layout, state_name, validate_layout
+from vmsgamp._core.region import Region
+from vmsgamp.errors import LayoutError
+from vmsgamp.trace._pcapng import DIR_INBOUND, DIR_OUTBOUND
+
+# Layout constants (csrc/vmamp_shmem.h, csrc/spsc_queue.h).
+_LO_MAGIC = 0x4C4F
+_QO_MAGIC = 0x514F
+_STATE_MASK = 0x1F
+_STATE_RUN = 2
+_QH_MAGIC, _QH_STATUS, _QH_TAIL, _QH_HEAD = 0, 2, 4, 6
+_SPSC_HEAD, _SPSC_TAIL, _SPSC_PACKETS, _SPSC_SLOTS, _SPSC_SLOT = 0, 64, 128, 62, 64
+_HEADERS = {"g2": (8, 6), "g1": (6, 4)}   # header size, offset of msg_size
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One message as it sat in its slot: ``data`` is ``msg_size`` bytes, or the
+    whole slot when ``msg_size`` was impossible (``size_ok`` False)."""
+
+    time_ns: int
+    direction: int
+    data: bytes
+    size_ok: bool = True
+
+
+@dataclass(frozen=True)
+class Missed:
+    """Messages that went by unread (the ring was overwritten first)."""
+
+    time_ns: int
+    direction: int
+    count: int
+    at_least: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A change of the bus itself: layout found, session up or down, a broken index."""
+
+    time_ns: int
+    text: str
+    up: bool
+
+
+class _Corrupt(Exception):
+    pass
+
+
+class _Ring:
+    """One direction: where its slots and indices live, and how far we got.
+
+    Counts (``*_total``) are messages since we started following the ring,
+    reconstructed from index deltas (each taken modulo N)."""
+
+    def __init__(self, region: Region, direction: int, elems: int, n: int, slot: int,
+                 prod: int, cons: int, width: int, size_off: int, hdr: int):
+        self.region = region
+        self.direction = direction
+        self.elems, self.n, self.slot = elems, n, slot
+        self.prod, self.cons = prod, cons
+        self.load = region.load16 if width == 2 else region.load32
+        self.size_off, self.hdr = size_off, hdr
+        region.check_range(elems, n * slot)
+        self.last_p = self.last_c = 0
+        self.p_total = self.c_total = self.obs_total = 0
+        self.snap: bytes | None = None
+        self.snap_from = 0      # messages >= this may have changed since the snapshot was taken
+        self.p = self.c = 0
+
+    def sample(self) -> None:
+        """Phase 1: read the indices (consumer first, so it is never ahead)."""
+        c = self.load(self.cons, "acquire")   # A2: pairs with the consumer's R2
+        p = self.load(self.prod, "acquire")   # A1: pairs with the producer's R1
+        if p >= self.n or c >= self.n:
+            raise _Corrupt(f"{'producer' if p >= self.n else 'consumer'} index "
+                           f"{p if p >= self.n else c} out of range (ring of {self.n})")
+        self.p, self.c = p, c
+
+    def follow(self, from_start: bool) -> None:
+        """Start following: from index 0 (a session we saw begin) or from now."""
+        self.sample()
+        if from_start:
+            self.last_p = self.last_c = 0
+            self.p_total = self.c_total = self.obs_total = 0
+        else:
+            self.last_p, self.last_c = self.p, self.c
+            self.c_total = 0
+            self.p_total = self.obs_total = (self.p - self.c) % self.n
+        self.snap = None
+        self.snap_from = self.p_total
+
+    def collect(self, now: int, out: list) -> int:
+        """Phase 2: copy the slots out, check them, append Seen/Missed."""
+        n, sz = self.n, self.slot
+        self.p_total += (self.p - self.last_p) % n
+        self.c_total += (self.c - self.last_c) % n
+        self.last_p, self.last_c = self.p, self.c
+        at_least = False
+        reason = ""
+        if self.c_total > self.p_total:
+            # The consumer cannot pass the producer: the producer went round unseen.
+            self.p_total += -(-(self.c_total - self.p_total) // n) * n
+            at_least, reason = True, "the producer went round the ring between two looks"
+        ring = self.region.read(self.elems, n * sz)           # one bulk copy into private memory
+        p2 = self.load(self.prod, "acquire")                  # A1 again: re-check after the copy
+        if p2 >= n:
+            raise _Corrupt(f"producer index {p2} out of range (ring of {n})")
+        p2_total = self.p_total + (p2 - self.p) % n
+        if self.snap is not None and not at_least and p2_total - self.snap_from < n - 1:
+            # Slots of messages [snap_from, p2_total] may have changed since the
+            # last snapshot; every other slot must be byte-for-byte the same.
+            lo = (p2_total + 1) % n
+            hi = self.snap_from % n
+            if not _same_outside(self.snap, ring, lo, hi, sz):
+                self.p_total += n
+                p2_total += n
+                at_least, reason = True, "slots changed that the producer had not published"
+        self.snap = ring
+        self.snap_from = self.p_total
+        first_valid = p2_total - (n - 1)        # older slots may be torn by the producer
+        missed = 0
+        if self.obs_total < first_valid:
+            missed = first_valid - self.obs_total
+            self.obs_total = first_valid
+            reason = reason or "the slots were overwritten before they were read"
+        if missed or at_least:
+            out.append(Missed(now, self.direction, missed, at_least, reason))
+        got = 0
+        unpack = struct.unpack_from
+        for m in range(self.obs_total, self.p_total):
+            base = (m % n) * sz
+            msz = unpack("<H", ring, base + self.size_off)[0]
+            if self.hdr <= msz <= sz:
+                out.append(Seen(now, self.direction, ring[base:base + msz], True))
+            else:
+                out.append(Seen(now, self.direction, ring[base:base + sz], False))
+            got += 1
+        self.obs_total = max(self.obs_total, self.p_total)
+        return got
+
+
+def _same_outside(old: bytes, new: bytes, lo: int, hi: int, sz: int) -> bool:
+    """Slots [lo, hi) (cyclic; lo == hi means none) equal in both copies."""
+    if lo == hi:
+        return True
+    mo, mn = memoryview(old), memoryview(new)
+    if lo < hi:
+        return mo[lo * sz:hi * sz] == mn[lo * sz:hi * sz]
+    return mo[lo * sz:] == mn[lo * sz:] and mo[:hi * sz] == mn[:hi * sz]
+
+
+class Observer:
+    """Follow both directions of the AMP bus at ``offset`` in ``region``.
+
+    ``poll()`` returns what happened since the last call (Seen, Missed and
+    Notice records, driver -> device before device -> driver within one
+    look); it never blocks.  The layout may appear late and the bus may
+    restart any number of times (Gen B: a new handshake; Gen A: both blocks
+    zeroed)."""
+
+    def __init__(self, region: Region, *, layout: str = "b", offset: int = 0, window: int = 8192,
+                 placement: str = "0/4k", profile: str = "g2"):
+        if layout not in ("a", "b"):
+            raise ValueError(f"layout must be 'b' or 'a', not {layout!r}")
+        if profile not in _HEADERS:
+            raise ValueError(f"profile must be 'g2' or 'g1', not {profile!r}")
+        if layout == "a" and placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {sorted(PLACEMENTS)}, not {placement!r}")
+        self.region = region
+        self.layout = layout
+        self.offset = offset
+        self.window = window
+        self.placement = placement
+        self.profile = profile
+        self.hdr, self.size_off = _HEADERS[profile]
+        self.rings: list[_Ring] = []       # [driver -> device, device -> driver]
+        self.up = False
+        self.sessions = 0
+        self.seen = 0
+        self.missed = 0
+        self.missed_at_least = False
+        self._waiting = ""                 # why we are not following (last notice text)
+        self._saw_down = False             # a session that starts now starts at index 0
+        self._layout_key: tuple | None = None
+        self._next_layout_check = 0.0
+        if layout == "a":
+            self._attach_a()
+
+    # ---- attaching -----------------------------------------------------------------
+    def _attach_a(self) -> None:
+        drv_off, dev_off = PLACEMENTS[self.placement]
+        rings = []
+        for direction, off in ((DIR_OUTBOUND, drv_off), (DIR_INBOUND, dev_off)):
+            blk = self.offset + off
+            rings.append(_Ring(self.region, direction, blk + _SPSC_PACKETS, _SPSC_SLOTS, _SPSC_SLOT,
+                               blk + _SPSC_HEAD, blk + _SPSC_TAIL, 4, self.size_off, self.hdr))
+        self.rings = rings
+
+    def _attach_b(self, lay: dict[str, int]) -> None:
+        o = self.offset
+        n, sz = lay["num_queue_elements"], lay["size_queue_elements"]
+        dev_qh, drv_qh = o + lay["dev_queue_head_offset"], o + lay["drv_queue_head_offset"]
+        self._dev_qh, self._drv_qh = dev_qh, drv_qh
+        self.rings = [
+            # driver -> device: the driver's elements, its tail; the device's head consumes.
+            _Ring(self.region, DIR_OUTBOUND, o + lay["drv_queue_elements_offset"], n, sz,
+                  drv_qh + _QH_TAIL, dev_qh + _QH_HEAD, 2, self.size_off, self.hdr),
+            _Ring(self.region, DIR_INBOUND, o + lay["dev_queue_elements_offset"], n, sz,
+                  dev_qh + _QH_TAIL, drv_qh + _QH_HEAD, 2, self.size_off, self.hdr),
+        ]
+
+    def _read_layout_b(self) -> dict[str, int] | str:
+        """The validated layout, or why there is none yet."""
+        if self.offset + 64 > self.region.size:
+            return f"the region ({self.region.size} bytes) ends before offset {self.offset:#x} + 64"
+        if self.region.load16(self.offset, "acquire") != _LO_MAGIC:   # A0: pairs with the device's R0
+            return "waiting for the device side to write the layout"
+        try:
+            return validate_layout(read_layout(self.region, self.offset),
+                                   min(self.window, self.region.size - self.offset))
+        except LayoutError as e:
+            return str(e)
+
+    # ---- one look ------------------------------------------------------------------
+    def poll(self) -> list:
+        now = time.time_ns()
+        out: list = []
+        if self.layout == "b":
+            self._poll_b(now, out)
+        else:
+            self._poll_a(now, out)
+        return out
+
+    def _notice(self, now: int, out: list, text: str, up: bool) -> None:
+        if text != self._waiting or up:
+            out.append(Notice(now, text, up))
+        self._waiting = "" if up else text
+
+    def _down(self, now: int, out: list, text: str) -> None:
+        self.up = False
+        self._saw_down = True
+        self._notice(now, out, text, False)
+
+    def _poll_b(self, now: int, out: list) -> None:
+        r = self.region
+        if not self.up:
+            # Layout checks cost a dozen loads: at most every 2 ms while waiting.
+            t = time.monotonic()
+            if t < self._next_layout_check:
+                return
+            self._next_layout_check = t + 0.002
+            lay = self._read_layout_b()
+            if isinstance(lay, str):
+                self._saw_down = True
+                self._notice(now, out, lay, False)
+                return
+            key = tuple(sorted(lay.items()))
+            if key != self._layout_key:
+                self._attach_b(lay)
+                self._layout_key = key
+            st = self._states()
+            if st is None:
+                self._saw_down = True
+                self._notice(now, out, "waiting for both sides to reach RUN", False)
+                return
+            try:
+                for ring in self.rings:
+                    ring.follow(from_start=self._saw_down)
+            except _Corrupt as e:
+                self._down(now, out, f"bus broken: {e}")
+                return
+            self.up = True
+            self.sessions += 1
+            n = self.rings[0].n
+            self._notice(now, out, f"bus up: layout B, {n} slots of {self.rings[0].slot} bytes each way"
+                         + ("" if self._saw_down else " (joined a running session)"), True)
+            return
+        # Status words first (A3): a side that shuts down publishes its last
+        # messages before it changes state, so they are collected below.
+        dev_st = r.load16(self._dev_qh + _QH_STATUS, "acquire")
+        drv_st = r.load16(self._drv_qh + _QH_STATUS, "acquire")
+        magic = r.load16(self.offset, "acquire")
+        self._collect(now, out)
+        if magic != _LO_MAGIC:
+            self._down(now, out, "bus down: the device side is rewriting the layout")
+        elif (dev_st & _STATE_MASK) != _STATE_RUN or (drv_st & _STATE_MASK) != _STATE_RUN:
+            self._down(now, out, f"bus down: device {state_name(dev_st)}, driver {state_name(drv_st)}")
+
+    def _states(self) -> tuple[int, int] | None:
+        r = self.region
+        dev_m, drv_m = r.load16(self._dev_qh + _QH_MAGIC, "acquire"), r.load16(self._drv_qh + _QH_MAGIC, "acquire")
+        dev_st = r.load16(self._dev_qh + _QH_STATUS, "acquire")
+        drv_st = r.load16(self._drv_qh + _QH_STATUS, "acquire")
+        if dev_m != _QO_MAGIC or drv_m != _QO_MAGIC:
+            return None
+        if (dev_st & _STATE_MASK) != _STATE_RUN or (drv_st & _STATE_MASK) != _STATE_RUN:
+            return None
+        return dev_st, drv_st
+
+    def _poll_a(self, now: int, out: list) -> None:
+        if not self.up:
+            try:
+                for ring in self.rings:
+                    ring.follow(from_start=self._saw_down)
+            except _Corrupt as e:
+                self._saw_down = True
+                self._notice(now, out, f"bus broken: {e}", False)
+                return
+            self.up = True
+            self.sessions += 1
+            self._notice(now, out, f"following layout A ({self.placement}), 62 slots of 64 bytes each way", True)
+            return
+        # Gen A has no handshake: a reset zeroes both blocks, indices and slots.
+        if self._zeroed():
+            if any(ring.p_total or ring.c_total for ring in self.rings):
+                for ring in self.rings:
+                    ring.follow(from_start=True)
+                out.append(Notice(now, "queues reset (both blocks zeroed)", True))
+            return
+        self._collect(now, out)
+
+    def _zeroed(self) -> bool:
+        for ring in self.rings:
+            ring.sample()
+            if ring.p or ring.c:
+                return False
+        return all(not any(self.region.read(ring.elems, ring.n * ring.slot)) for ring in self.rings)
+
+    def _collect(self, now: int, out: list) -> None:
+        rings = self.rings
+        try:
+            # device -> driver indices first: a response seen there was caused by a
+            # request published before the driver -> device index is read.
+            rings[1].sample()
+            rings[0].sample()
+            before = len(out)
+            self.seen += rings[0].collect(now, out) + rings[1].collect(now, out)
+        except _Corrupt as e:
+            self._down(now, out, f"bus broken: {e}")
+            return
+        for rec in out[before:]:
+            if isinstance(rec, Missed):
+                self.missed += rec.count
+                self.missed_at_least |= rec.at_least
