@@ -18,11 +18,17 @@ instead of messages that may be garbage):
 * slots the producer had no business writing since the last look must hold
   the same bytes as then; if they changed, it went round unseen.
 
-Only a producer that went round rewriting every slot with identical bytes
-escapes all three (then the count of missed messages is low by a lap); the
-observer polls without sleeping while traffic flows to keep that unlikely.
-When the producer went round unseen, the number missed is a lower bound
+What escapes all three: a producer that went round and stopped where its
+index looks like N - 1 new messages (no slot is left to compare), or that
+rewrote every other slot with identical bytes while its consumer kept pace;
+then the count of missed messages is low by the laps.  The observer polls
+without sleeping while traffic flows to keep that unlikely.  When the
+producer went round unseen, the number missed is a lower bound
 (``Missed.at_least``).
+
+Order: within one direction the ring order is the true order; across the two
+directions one look only knows that a response follows its request, and
+:func:`_merge` orders each look's two batches by that.
 
 Memory order: the observer is a third reader.  Each producer index is read
 with an acquire load (pairs with the producer's release store R1 in
@@ -126,7 +132,9 @@ class _Ring:
             self.last_p, self.last_c = self.p, self.c
             self.c_total = 0
             self.p_total = self.obs_total = (self.p - self.c) % self.n
-        self.snap = None
+        # The first look compares against this copy (the producer may be
+        # writing message p_total meanwhile: collect() allows for it).
+        self.snap = self.region.read(self.elems, self.n * self.slot)
         self.snap_from = self.p_total
 
     def collect(self, now: int, out: list) -> int:
@@ -179,6 +187,52 @@ class _Ring:
         return got
 
 
+def _pair_key(rec: Seen | Missed, g2: bool) -> tuple[bool, tuple | None, tuple | None]:
+    """(is a response, exact key, key without token) from a message header."""
+    if not isinstance(rec, Seen) or not rec.size_ok:
+        return False, None, None
+    d = rec.data
+    mtype, msg_id, dev = d[0], d[1], d[2] | d[3] << 8
+    tok = d[4] | d[5] << 8 if g2 else None
+    loose = (mtype & 2, msg_id, dev if not mtype & 2 else 0)
+    return bool(mtype & 1), loose + (tok,), loose
+
+
+def _merge(outbound: list, inbound: list, g2: bool) -> list:
+    """One look's two batches in an order that respects cause and effect.
+
+    Each direction's order is the true one; across directions only this is
+    known: a response comes after its request.  So take the device -> driver
+    head whenever it is not a response to a request still waiting in the other
+    batch, else the driver -> device head (a response answers the newest
+    request with its key; a token-0 bus response, as QEMU sends, matches by
+    msg_id alone)."""
+    if not outbound or not inbound:
+        return outbound + inbound
+    keys = {id(r): _pair_key(r, g2) for r in outbound + inbound}
+
+    def waits_for(rec, other: list, start: int) -> bool:
+        is_resp, exact, loose = keys[id(rec)]
+        if not is_resp:
+            return False
+        for r in other[start:]:
+            r_resp, r_exact, r_loose = keys[id(r)]
+            if not r_resp and (r_exact == exact or (exact[3] == 0 and r_loose == loose)):
+                return True
+        return False
+
+    merged: list = []
+    i = j = 0
+    while i < len(outbound) or j < len(inbound):
+        if j < len(inbound) and (i == len(outbound) or not waits_for(inbound[j], outbound, i)):
+            merged.append(inbound[j])
+            j += 1
+        else:
+            merged.append(outbound[i])
+            i += 1
+    return merged
+
+
 def _same_outside(old: bytes, new: bytes, lo: int, hi: int, sz: int) -> bool:
     """Slots [lo, hi) (cyclic; lo == hi means none) equal in both copies."""
     if lo == hi:
@@ -193,8 +247,7 @@ class Observer:
     """Follow both directions of the AMP bus at ``offset`` in ``region``.
 
     ``poll()`` returns what happened since the last call (Seen, Missed and
-    Notice records, driver -> device before device -> driver within one
-    look); it never blocks.  The layout may appear late and the bus may
+    Notice records; each response after its request); it never blocks.  The layout may appear late and the bus may
     restart any number of times (Gen B: a new handshake; Gen A: both blocks
     zeroed)."""
 
@@ -351,13 +404,17 @@ class Observer:
             self._notice(now, out, f"following layout A ({self.placement}), 62 slots of 64 bytes each way", True)
             return
         # Gen A has no handshake: a reset zeroes both blocks, indices and slots.
-        if self._zeroed():
-            if any(ring.p_total or ring.c_total for ring in self.rings):
+        try:
+            zeroed = self._zeroed()
+            if zeroed and any(ring.p_total or ring.c_total for ring in self.rings):
                 for ring in self.rings:
                     ring.follow(from_start=True)
                 out.append(Notice(now, "queues reset (both blocks zeroed)", True))
+        except _Corrupt as e:
+            self._down(now, out, f"bus broken: {e}")
             return
-        self._collect(now, out)
+        if not zeroed:
+            self._collect(now, out)
 
     def _zeroed(self) -> bool:
         for ring in self.rings:
@@ -373,12 +430,17 @@ class Observer:
             # request published before the driver -> device index is read.
             rings[1].sample()
             rings[0].sample()
-            before = len(out)
-            self.seen += rings[0].collect(now, out) + rings[1].collect(now, out)
+            outbound: list = []
+            inbound: list = []
+            rings[0].collect(now, outbound)
+            rings[1].collect(now, inbound)
         except _Corrupt as e:
             self._down(now, out, f"bus broken: {e}")
             return
-        for rec in out[before:]:
+        for rec in outbound + inbound:
             if isinstance(rec, Missed):
                 self.missed += rec.count
                 self.missed_at_least |= rec.at_least
+            else:
+                self.seen += 1
+        out.extend(_merge(outbound, inbound, self.hdr == 8))

@@ -1,0 +1,264 @@
+"""The passive observer against real FIFOs: exact when it keeps up, honest
+(Missed, never garbage) when it does not, and untouched by a hostile peer."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from conftest import start_pair
+from vmsgamp._core.doorbell import EventfdDoorbell
+from vmsgamp._core.fifo import MsgFifo
+from vmsgamp._core.region import Region
+from vmsgamp.protocol import GetDeviceStatusRequest, GetDeviceStatusResponse, PingRequest, encode
+from vmsgamp.trace import DIR_INBOUND, DIR_OUTBOUND, Missed, Notice, Observer, Seen
+
+SLOTS = {"b": 63, "a": 62}
+
+
+class Bus:
+    """A device and a driver FIFO over one memfd, and a read-only mapping of it."""
+
+    def __init__(self, layout: str):
+        self.layout = layout
+        self.region = Region.memfd(16384)
+        self.ro = Region.from_fd(self.region.fd, self.region.size, readonly=True)
+        self.bells = EventfdDoorbell.pair()
+        self.dev = self.drv = None
+
+    def start(self):
+        self.dev = MsgFifo(self.region, role="device", layout=self.layout, doorbell=self.bells[0])
+        self.drv = MsgFifo(self.region, role="driver", layout=self.layout, doorbell=self.bells[1])
+        start_pair(self.dev, self.drv)
+
+    def restart_driver(self):
+        self.drv.close()
+        self.drv = MsgFifo(self.region, role="driver", layout=self.layout, doorbell=self.bells[1])
+        start_pair(self.dev, self.drv)
+
+    def request(self, i: int) -> tuple[bytes, bytes]:
+        req = encode(GetDeviceStatusRequest(dev_num=1, token=i & 0xFFFF or 1))
+        resp = encode(GetDeviceStatusResponse(dev_num=1, token=i & 0xFFFF or 1, status=i & 0xFF))
+        assert self.drv.try_send(req)
+        assert self.dev.recv_bytes(1) == req
+        assert self.dev.try_send(resp)
+        assert self.drv.recv_bytes(1) == resp
+        return req, resp
+
+    def close(self):
+        for f in (self.drv, self.dev):
+            if f is not None:
+                f.close()
+        for b in self.bells:
+            b.close()
+        self.ro.close()
+        self.region.close()
+
+
+@pytest.fixture(params=["b", "a"])
+def bus(request):
+    b = Bus(request.param)
+    yield b
+    b.close()
+
+
+def _observer(bus, **kw):
+    return Observer(bus.ro, layout=bus.layout, window=8192, **kw)
+
+
+def _seen(recs):
+    return [(r.direction, r.data) for r in recs if isinstance(r, Seen)]
+
+
+def _missed(recs):
+    return [r for r in recs if isinstance(r, Missed)]
+
+
+def test_layout_appearing_late_then_every_message_in_order(bus):
+    obs = _observer(bus)
+    first = obs.poll()
+    if bus.layout == "b":
+        assert [r.text for r in first] == ["waiting for the device side to write the layout"]
+        assert obs.poll() == []                    # the same notice is not repeated
+    bus.start()
+    obs._next_layout_check = 0
+    up = obs.poll()
+    assert any(isinstance(r, Notice) and r.up for r in up + first)
+    expected = []
+    for i in range(1, 200):                        # more than three rings' worth
+        req, resp = bus.request(i)
+        expected += [(DIR_OUTBOUND, req), (DIR_INBOUND, resp)]
+        if i % 20 == 0:                            # look every 40 messages: always in time
+            got = obs.poll()
+            assert not _missed(got)
+            assert _seen(got) == expected          # requests before their responses
+            expected = []
+    assert _seen(obs.poll()) == expected
+    assert obs.missed == 0 and obs.seen == 2 * 199
+
+
+def test_falling_behind_is_reported_not_printed(bus):
+    bus.start()
+    obs = _observer(bus)
+    obs.poll()
+    n = SLOTS[bus.layout]
+    sent = [bus.request(i)[0] for i in range(1, 3 * n + 11)]    # three laps and 10 unseen
+    recs = obs.poll()
+    missed = _missed(recs)
+    out = [d for direction, d in _seen(recs) if direction == DIR_OUTBOUND]
+    # What is shown is the newest n - 1 messages, intact; the gap is counted
+    # (a lower bound: the index alone cannot say how many laps went by).
+    assert out == sent[-(n - 1):]
+    outbound_missed = [m for m in missed if m.direction == DIR_OUTBOUND]
+    assert len(outbound_missed) == 1 and outbound_missed[0].at_least
+    assert 1 <= outbound_missed[0].count <= len(sent) - (n - 1)
+    # and it is back in step afterwards, exactly
+    req, resp = bus.request(9999)
+    recs = obs.poll()
+    assert _seen(recs) == [(DIR_OUTBOUND, req), (DIR_INBOUND, resp)] and not _missed(recs)
+
+
+def test_lap_with_identical_bytes_is_caught_by_the_consumer_index(bus):
+    """The producer goes round with byte-identical messages (the slot check sees
+    nothing); the consumer's index being ahead of the producer's gives it away."""
+    bus.start()
+    obs = _observer(bus)
+    obs.poll()
+    n = SLOTS[bus.layout]
+    msg = encode(PingRequest(token=1, data=1))
+    for _ in range(n - 1):                          # a full ring, consumed
+        assert bus.drv.try_send(msg)
+        bus.dev.recv_bytes(1)
+    for _ in range(3):                              # three more, not consumed yet
+        assert bus.drv.try_send(msg)
+    recs = obs.poll()
+    missed = [m for m in _missed(recs) if m.direction == DIR_OUTBOUND]
+    assert len(missed) == 1 and missed[0].at_least
+    assert all(d == msg for _, d in _seen(recs))
+
+
+class _Racing:
+    """A region whose bulk reads let the producer run on while they copy."""
+
+    def __init__(self, region, during_copy):
+        self._r = region
+        self.size = region.size
+        self.during_copy = during_copy
+        self.armed = False
+
+    def __getattr__(self, name):
+        return getattr(self._r, name)
+
+    def read(self, off, n):
+        data = self._r.read(off, n)
+        if self.armed:
+            self.armed = False
+            self.during_copy()
+        return data
+
+
+def test_slots_overwritten_while_copying_are_counted_exactly():
+    bus = Bus("a")
+    try:
+        bus.start()
+        msgs = [encode(PingRequest(token=i, data=i)) for i in range(1, 200)]
+        it = iter(msgs)
+
+        def run_on():       # the producer publishes 60 more while we copy
+            for _ in range(60):
+                assert bus.drv.try_send(next(it))
+                bus.dev.recv_bytes(1)
+
+        racing = _Racing(bus.ro, run_on)
+        obs = Observer(racing, layout="a")
+        obs.poll()
+        for _ in range(10):
+            assert bus.drv.try_send(next(it))
+            bus.dev.recv_bytes(1)
+        racing.armed = True
+        recs = obs.poll()
+        # 10 published before the copy, 60 more during it: the producer, at 70,
+        # may be writing message 70 into the slot of message 8, so messages 0..8
+        # cannot be trusted; message 9 can.
+        out = [r for r in recs if getattr(r, "direction", None) == DIR_OUTBOUND]
+        assert isinstance(out[0], Missed) and out[0].count == 9 and not out[0].at_least
+        assert [r.data for r in out[1:]] == msgs[9:10]
+        rest = obs.poll()
+        assert [d for _, d in _seen(rest)] == msgs[10:70] and not _missed(rest)
+        assert obs.missed == 9 and not obs.missed_at_least
+    finally:
+        bus.close()
+
+
+def test_bus_restart_starts_counting_from_zero_again():
+    bus = Bus("b")
+    try:
+        bus.start()
+        obs = _observer(bus)
+        obs.poll()
+        bus.request(1)
+        assert len(_seen(obs.poll())) == 2
+        bus.drv.close()                             # driver leaves: SHUTDOWN
+        down = obs.poll()
+        assert [r.text for r in down if isinstance(r, Notice)] == ["bus down: device RUN, driver SHUTDOWN"]
+        bus.drv = MsgFifo(bus.region, role="driver", layout="b", doorbell=bus.bells[1])
+        start_pair(bus.dev, bus.drv)                # both handshake again (device saw the peer go)
+        obs._next_layout_check = 0
+        up = obs.poll()
+        assert any(isinstance(r, Notice) and r.up for r in up)
+        pairs = [bus.request(i) for i in range(2, 7)]
+        got = _seen(obs.poll())
+        assert got == [x for req, resp in pairs for x in ((DIR_OUTBOUND, req), (DIR_INBOUND, resp))]
+        assert obs.sessions == 2 and obs.missed == 0
+    finally:
+        bus.close()
+
+
+def test_hostile_indices_and_slots_are_reported_not_trusted():
+    """Gen A, with the observer's view of a peer writing nonsense: an index out
+    of range is a notice; a slot with an impossible msg_size is one whole-slot
+    record flagged as such; nothing escapes as an exception."""
+    region = Region.memfd(16384)
+    ro = Region.from_fd(region.fd, region.size, readonly=True)
+    try:
+        obs = Observer(ro, layout="a")
+        assert obs.poll()[0].up
+        region.write(128, struct.pack("<BBHHH", 0, 7, 0, 1, 200) + bytes(56))   # msg_size 200
+        region.write(128 + 64, encode(PingRequest(token=2, data=2)))
+        region.store32(0, 2, "release")                                         # producer index 2
+        recs = obs.poll()
+        assert [(r.size_ok, len(r.data)) for r in recs] == [(False, 64), (True, 12)]
+        region.store32(0, 1000, "release")
+        recs = obs.poll()
+        assert len(recs) == 1 and "producer index 1000 out of range" in recs[0].text
+        assert obs.poll() == []                      # said once
+        region.store32(0, 3, "release")              # sane again: followed from here
+        assert obs.poll()[0].up
+    finally:
+        ro.close()
+        region.close()
+
+
+def test_a_broken_layout_is_a_notice():
+    region = Region.memfd(16384)
+    ro = Region.from_fd(region.fd, region.size, readonly=True)
+    try:
+        region.store16(2, 99)                          # length: should be 64
+        region.store16(0, 0x4C4F, "release")           # magic "LO"
+        recs = Observer(ro, layout="b").poll()
+        assert len(recs) == 1 and "bad AMP layout: length" in recs[0].text and not recs[0].up
+    finally:
+        ro.close()
+        region.close()
+
+
+def test_the_observer_writes_nothing(bus):
+    """A read-only mapping cannot be written; and the bytes do not change."""
+    bus.start()
+    bus.request(1)
+    before = bus.region.read(0, bus.region.size)
+    obs = _observer(bus)
+    for _ in range(50):
+        obs.poll()
+    assert bus.region.read(0, bus.region.size) == before
+    assert bus.ro.readonly
