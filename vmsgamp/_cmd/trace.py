@@ -253,35 +253,44 @@ def run(args: argparse.Namespace) -> int:
             iface = tracer.interface(name, args.profile, f"passive observer (vmsgamp trace, pid {os.getpid()})")
         printer = _Printer(args, show=not args.write or args.print)
         deadline = None if args.duration is None else t0 + args.duration
+
+        def handle(recs: list) -> None:
+            nonlocal seen
+            for rec in recs:
+                if isinstance(rec, Notice):
+                    printer.notice(rec.time_ns, rec.text)
+                elif isinstance(rec, Missed):
+                    printer.missed(rec.time_ns, rec.direction, rec.count, rec.at_least, rec.reason)
+                else:
+                    if tracer is not None:
+                        tracer.record(iface, rec.direction, rec.data, rec.time_ns)
+                    printer.message(rec.time_ns, rec.direction, rec.data, args.profile, name, None)
+                    seen += 1
+                    if args.count is not None and seen >= args.count:
+                        stop_reason.append("count")
+                        return
+            if recs:
+                printer.out.flush()
+
         pause = 0.0
         interrupted = False
         try:
-            while not stop_reason:
-                recs = obs.poll()
-                for rec in recs:
-                    if isinstance(rec, Notice):
-                        printer.notice(rec.time_ns, rec.text)
-                    elif isinstance(rec, Missed):
-                        printer.missed(rec.time_ns, rec.direction, rec.count, rec.at_least, rec.reason)
+            try:
+                while not stop_reason:
+                    recs = obs.poll()
+                    handle(recs)
+                    if deadline is not None and time.monotonic() >= deadline:
+                        stop_reason.append("duration")
+                    elif recs:
+                        pause = 0.0          # traffic: look again at once
                     else:
-                        if tracer is not None:
-                            tracer.record(iface, rec.direction, rec.data, rec.time_ns)
-                        printer.message(rec.time_ns, rec.direction, rec.data, args.profile, name, None)
-                        seen += 1
-                        if args.count is not None and seen >= args.count:
-                            stop_reason.append("count")
-                            break
-                if recs:
-                    printer.out.flush()
-                if deadline is not None and time.monotonic() >= deadline:
-                    stop_reason.append("duration")
-                if recs:
-                    pause = 0.0          # traffic: look again at once
-                else:
-                    pause = min(max(pause * 2, 20e-6), 1e-3)
-                    time.sleep(pause)
-        except KeyboardInterrupt:
-            interrupted = True
+                        pause = min(max(pause * 2, 20e-6), 1e-3)
+                        time.sleep(pause)
+            except KeyboardInterrupt:
+                interrupted = True
+            if stop_reason[:1] != ["count"]:
+                # One last look: what was published before we were told to stop.
+                handle(obs.poll())
         except BrokenPipeError:
             # The reader went away (| head): stop quietly.
             sys.stdout = open(os.devnull, "w")

@@ -51,7 +51,9 @@ from vmsgamp.trace._pcapng import DIR_INBOUND, DIR_OUTBOUND
 _LO_MAGIC = 0x4C4F
 _QO_MAGIC = 0x514F
 _STATE_MASK = 0x1F
+_STATE_INIT = 0
 _STATE_RUN = 2
+_HOLDING = (2, 3, 4)     # RUN, SHUTDOWN, PEER_DEAD: a side in these keeps its indices
 _QH_MAGIC, _QH_STATUS, _QH_TAIL, _QH_HEAD = 0, 2, 4, 6
 _SPSC_HEAD, _SPSC_TAIL, _SPSC_PACKETS, _SPSC_SLOTS, _SPSC_SLOT = 0, 64, 128, 62, 64
 _HEADERS = {"g2": (8, 6), "g1": (6, 4)}   # header size, offset of msg_size
@@ -137,11 +139,16 @@ class _Ring:
         self.snap = self.region.read(self.elems, self.n * self.slot)
         self.snap_from = self.p_total
 
-    def collect(self, now: int, out: list) -> int:
-        """Phase 2: copy the slots out, check them, append Seen/Missed."""
+    def collect(self, now: int, out: list, consumer_ok: bool = True) -> int:
+        """Phase 2: copy the slots out, check them, append Seen/Missed.
+        ``consumer_ok`` False: the consumer is restarting and its index means
+        nothing (no lap check against it)."""
         n, sz = self.n, self.slot
         self.p_total += (self.p - self.last_p) % n
-        self.c_total += (self.c - self.last_c) % n
+        if consumer_ok:
+            self.c_total += (self.c - self.last_c) % n
+        else:
+            self.c_total = self.p_total - (self.p - self.c) % n
         self.last_p, self.last_c = self.p, self.c
         at_least = False
         reason = ""
@@ -272,7 +279,7 @@ class Observer:
         self.seen = 0
         self.missed = 0
         self.missed_at_least = False
-        self._waiting = ""                 # why we are not following (last notice text)
+        self._waiting: str | None = None   # why we are not following, once said
         self._saw_down = False             # a session that starts now starts at index 0
         self._layout_key: tuple | None = None
         self._next_layout_check = 0.0
@@ -312,6 +319,8 @@ class Observer:
             return validate_layout(read_layout(self.region, self.offset),
                                    min(self.window, self.region.size - self.offset))
         except LayoutError as e:
+            if e.field == "magic":      # rewritten since we looked: the device is restarting
+                return "waiting for the device side to write the layout"
             return str(e)
 
     # ---- one look ------------------------------------------------------------------
@@ -325,14 +334,18 @@ class Observer:
         return out
 
     def _notice(self, now: int, out: list, text: str, up: bool) -> None:
-        if text != self._waiting or up:
+        """Say when the bus comes up or goes down, and once why we wait; a
+        device re-running its handshake while it waits for a driver would
+        otherwise repeat itself every quarter second."""
+        if up or self._waiting is None:
             out.append(Notice(now, text, up))
-        self._waiting = "" if up else text
+        self._waiting = None if up else text
 
     def _down(self, now: int, out: list, text: str) -> None:
         self.up = False
         self._saw_down = True
-        self._notice(now, out, text, False)
+        out.append(Notice(now, text, False))
+        self._waiting = text
 
     def _poll_b(self, now: int, out: list) -> None:
         r = self.region
@@ -369,15 +382,92 @@ class Observer:
                          + ("" if self._saw_down else " (joined a running session)"), True)
             return
         # Status words first (A3): a side that shuts down publishes its last
-        # messages before it changes state, so they are collected below.
-        dev_st = r.load16(self._dev_qh + _QH_STATUS, "acquire")
-        drv_st = r.load16(self._drv_qh + _QH_STATUS, "acquire")
-        magic = r.load16(self.offset, "acquire")
-        self._collect(now, out)
+        # messages before it changes state, so they are still collected; and
+        # once a look ends with a side gone, one more look catches what it
+        # published between our index read and its state change.
+        heads = self._heads()
+        for _final in (False, True):
+            trust = self._trusted(heads)
+            if not any(trust):
+                break
+            holding = self._holding(heads)
+            where = [ring.obs_total % ring.n for ring in self.rings]
+            batches, broken = self._collect(now, trust, holding)
+            after = self._heads()
+            still = self._trusted(after)
+            for k, batch in enumerate(batches):
+                if trust[k] and (not still[k] or self._zeroed_batch(batch, after, k)):
+                    # The producer restarted (it zeroes its indices and slots): the
+                    # copy means nothing, never print it.  What went by unread is
+                    # at least what the consumer took since our last look, if the
+                    # consumer still holds its index.
+                    batches[k] = [self._lost(now, k, where[k] if holding[k] else None)]
+            got = _merge(batches[0], batches[1], self.hdr == 8)
+            self._account(got)
+            out.extend(got)
+            if broken:
+                self._down(now, out, broken)
+                return
+            if self._running(after):
+                return
+            heads = after
+        self._down(now, out, self._why(heads))
+
+    # Which ring can still be read.  The driver -> device ring while the driver
+    # holds its indices (RUN, or SHUTDOWN/PEER_DEAD after RUN: a restarting
+    # driver zeroes its slots before it says INIT).  The device -> driver ring
+    # while the layout is in place and the device is RUN, gone, or back in INIT
+    # after its peer left (its indices stay until it rewrites the layout, and
+    # it clears the layout magic first).
+    def _heads(self) -> tuple[int, int, int]:
+        r = self.region
+        magic = r.load16(self.offset, "acquire")                       # A0
+        dev_st = r.load16(self._dev_qh + _QH_STATUS, "acquire")  # A3
+        drv_st = r.load16(self._drv_qh + _QH_STATUS, "acquire")  # A3
+        return magic, dev_st, drv_st
+
+    @staticmethod
+    def _trusted(heads: tuple[int, int, int]) -> list[bool]:
+        magic, dev_st, drv_st = heads
+        return [(drv_st & _STATE_MASK) in _HOLDING,
+                magic == _LO_MAGIC and (dev_st & _STATE_MASK) in _HOLDING + (_STATE_INIT,)]
+
+    @staticmethod
+    def _holding(heads: tuple[int, int, int]) -> list[bool]:
+        """Whether each ring's consumer index still means something (a device
+        back in INIT may already have zeroed its queue head)."""
+        magic, dev_st, drv_st = heads
+        return [magic == _LO_MAGIC and (dev_st & _STATE_MASK) in _HOLDING,
+                (drv_st & _STATE_MASK) in _HOLDING]
+
+    @staticmethod
+    def _running(heads: tuple[int, int, int]) -> bool:
+        magic, dev_st, drv_st = heads
+        return magic == _LO_MAGIC and (dev_st & _STATE_MASK) == _STATE_RUN == (drv_st & _STATE_MASK)
+
+    @staticmethod
+    def _why(heads: tuple[int, int, int]) -> str:
+        magic, dev_st, drv_st = heads
         if magic != _LO_MAGIC:
-            self._down(now, out, "bus down: the device side is rewriting the layout")
-        elif (dev_st & _STATE_MASK) != _STATE_RUN or (drv_st & _STATE_MASK) != _STATE_RUN:
-            self._down(now, out, f"bus down: device {state_name(dev_st)}, driver {state_name(drv_st)}")
+            return "bus down: the device side is rewriting the layout"
+        return f"bus down: device {state_name(dev_st)}, driver {state_name(drv_st)}"
+
+    def _lost(self, now: int, k: int, where: int | None) -> Missed | Notice:
+        ring = self.rings[k]
+        side = ("driver", "device")[k]
+        if where is not None:
+            taken = (ring.c - where) % ring.n
+            if taken:
+                return Missed(now, ring.direction, taken, True,
+                              f"the {side} side restarted and cleared its ring before they were read")
+        return Notice(now, f"the {side} side restarted; what it sent last may be missing", False)
+
+    def _zeroed_batch(self, batch: list, heads: tuple[int, int, int], k: int) -> bool:
+        """A producer that is not RUN and shows an all-zero slot is clearing its ring."""
+        st = heads[2] if k == 0 else heads[1]
+        if (st & _STATE_MASK) == _STATE_RUN:
+            return False
+        return any(isinstance(rec, Seen) and not rec.size_ok and not any(rec.data) for rec in batch)
 
     def _states(self) -> tuple[int, int] | None:
         r = self.region
@@ -414,7 +504,12 @@ class Observer:
             self._down(now, out, f"bus broken: {e}")
             return
         if not zeroed:
-            self._collect(now, out)
+            batches, broken = self._collect(now)
+            got = _merge(batches[0], batches[1], self.hdr == 8)
+            self._account(got)
+            out.extend(got)
+            if broken:
+                self._down(now, out, broken)
 
     def _zeroed(self) -> bool:
         for ring in self.rings:
@@ -423,24 +518,31 @@ class Observer:
                 return False
         return all(not any(self.region.read(ring.elems, ring.n * ring.slot)) for ring in self.rings)
 
-    def _collect(self, now: int, out: list) -> None:
+    def _collect(self, now: int, use: list[bool] | None = None,
+                 consumer_ok: list[bool] | None = None) -> tuple[list[list], str | None]:
+        """Each direction's new records (not yet counted), or why the bus is
+        broken.  ``use``: which rings to read."""
         rings = self.rings
+        use = use or [True, True]
+        consumer_ok = consumer_ok or [True, True]
+        batches: list[list] = [[], []]
         try:
             # device -> driver indices first: a response seen there was caused by a
             # request published before the driver -> device index is read.
-            rings[1].sample()
-            rings[0].sample()
-            outbound: list = []
-            inbound: list = []
-            rings[0].collect(now, outbound)
-            rings[1].collect(now, inbound)
+            for k in (1, 0):
+                if use[k]:
+                    rings[k].sample()
+            for k in (0, 1):
+                if use[k]:
+                    rings[k].collect(now, batches[k], consumer_ok[k])
         except _Corrupt as e:
-            self._down(now, out, f"bus broken: {e}")
-            return
-        for rec in outbound + inbound:
+            return batches, f"bus broken: {e}"
+        return batches, None
+
+    def _account(self, recs: list) -> None:
+        for rec in recs:
             if isinstance(rec, Missed):
                 self.missed += rec.count
                 self.missed_at_least |= rec.at_least
-            else:
+            elif isinstance(rec, Seen):
                 self.seen += 1
-        out.extend(_merge(outbound, inbound, self.hdr == 8))
