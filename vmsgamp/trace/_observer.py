@@ -161,15 +161,9 @@ class _Ring:
         if p2 >= n:
             raise _Corrupt(f"producer index {p2} out of range (ring of {n})")
         p2_total = self.p_total + (p2 - self.p) % n
-        if self.snap is not None and not at_least and p2_total - self.snap_from < n - 1:
-            # Slots of messages [snap_from, p2_total] may have changed since the
-            # last snapshot; every other slot must be byte-for-byte the same.
-            lo = (p2_total + 1) % n
-            hi = self.snap_from % n
-            if not _same_outside(self.snap, ring, lo, hi, sz):
-                self.p_total += n
-                p2_total += n
-                at_least, reason = True, "slots changed that the producer had not published"
+        lapped = False
+        if self.snap is not None and not at_least:
+            lapped = self._went_round(ring, p2_total)
         self.snap = ring
         self.snap_from = self.p_total
         first_valid = p2_total - (n - 1)        # older slots may be torn by the producer
@@ -180,6 +174,11 @@ class _Ring:
             reason = reason or "the slots were overwritten before they were read"
         if missed or at_least:
             out.append(Missed(now, self.direction, missed, at_least, reason))
+        if lapped:
+            # Counted as one lap; what follows is still the newest messages
+            # (the slots hold them whatever the number of laps).
+            out.append(Missed(now, self.direction, n, True,
+                              "slots changed that the producer had not published: it went round unseen"))
         got = 0
         unpack = struct.unpack_from
         for m in range(self.obs_total, self.p_total):
@@ -192,6 +191,24 @@ class _Ring:
             got += 1
         self.obs_total = max(self.obs_total, self.p_total)
         return got
+
+    def _went_round(self, ring: bytes, p2_total: int) -> bool:
+        """Did the producer go round since the last snapshot?  Slots of messages
+        [snap_from, p2_total] may have changed since then (p2_total: the one it
+        may be writing now); any other slot that changed was rewritten unseen,
+        unless the producer fills several slots before it publishes them (a
+        burst): then its index soon covers them, so look at it again."""
+        n, sz = self.n, self.slot
+        for _ in range(64):
+            if p2_total - self.snap_from >= n - 1:
+                return False                 # every slot may have changed: nothing to compare
+            if _same_outside(self.snap, ring, (p2_total + 1) % n, self.snap_from % n, sz):
+                return False
+            p3 = self.load(self.prod, "acquire")        # A1: a burst being published?
+            if p3 >= n:
+                raise _Corrupt(f"producer index {p3} out of range (ring of {n})")
+            p2_total = self.p_total + (p3 - self.p) % n
+        return True
 
 
 def _pair_key(rec: Seen | Missed, g2: bool) -> tuple[bool, tuple | None, tuple | None]:
@@ -348,7 +365,6 @@ class Observer:
         self._waiting = text
 
     def _poll_b(self, now: int, out: list) -> None:
-        r = self.region
         if not self.up:
             # Layout checks cost a dozen loads: at most every 2 ms while waiting.
             t = time.monotonic()
