@@ -5,36 +5,43 @@ direction's producer index (Gen B: each side's queue head ``tail``; Gen A:
 each block's producer word), copies the whole element array out with one
 bulk read and validates the messages in that private copy.
 
-Falling behind.  The indices wrap at the ring size N, so a producer that
+Falling behind.  Indices wrap at the ring size N, so a producer that
 advanced by N or more between two looks is not visible in its index alone.
-Three checks catch it, each with the same outcome (a :class:`Missed` record
-instead of messages that may be garbage):
+Instead of printing what may be garbage, the observer reports Missed records:
 
-* the slot copy is only trusted for messages the producer cannot have
-  started to overwrite: the producer index is re-read *after* the copy, and a
-  message more than N - 1 behind it may be torn;
+* the copy is only trusted for messages the producer cannot have started to
+  overwrite: the producer index is re-read *after* the copy, and a message
+  more than N - 1 behind it may be torn (an exact count);
 * the consumer's index may never be ahead of the producer's in our count: if
   it is, the producer went round unseen;
-* slots the producer had no business writing since the last look must hold
-  the same bytes as then; if they changed, it went round unseen.
+* slots the producer had no business writing since the last look (outside
+  what it published and the one it may be filling) must hold the same bytes
+  as then; if they changed and its index does not soon cover them (a producer
+  may fill several slots before publishing them), it went round unseen.
 
-What escapes all three: a producer that went round and stopped where its
-index looks like N - 1 new messages (no slot is left to compare), or that
-rewrote every other slot with identical bytes while its consumer kept pace;
-then the count of missed messages is low by the laps.  The observer polls
-without sleeping while traffic flows to keep that unlikely.  When the
-producer went round unseen, the number missed is a lower bound
-(``Missed.at_least``).
+After an unseen lap the slots still hold the newest messages, and those are
+printed; the count of missed messages is then a lower bound
+(``Missed.at_least``).  A lap that leaves the index looking like N - 1 new
+messages, or that rewrites the comparable slots with identical bytes while
+the consumer keeps pace, cannot be seen at all; the observer polls without
+sleeping while traffic flows to keep that unlikely.
+
+Restarts.  A side that shut down keeps its indices, and what it published
+before saying so is still collected (one more look follows the look that saw
+it go).  A side that restarts zeroes its slots and indices; a copy taken
+meanwhile is never printed, and what went by unread is counted from the
+consumer's index when the consumer still holds it.
 
 Order: within one direction the ring order is the true order; across the two
-directions one look only knows that a response follows its request, and
+directions a look only knows that a response follows its request, and
 :func:`_merge` orders each look's two batches by that.
 
 Memory order: the observer is a third reader.  Each producer index is read
 with an acquire load (pairs with the producer's release store R1 in
 ``vmsgamp/_core/fifo.pyx``), so the slots it publishes are visible before they
-are copied; the consumer index with an acquire load (pairs with R2); queue
-head status words with acquire loads (pair with R3).
+are copied; the consumer index with an acquire load (pairs with R2); the
+layout magic and queue-head status words with acquire loads (pair with R0
+and R3).
 """
 from __future__ import annotations
 
@@ -271,9 +278,9 @@ class Observer:
     """Follow both directions of the AMP bus at ``offset`` in ``region``.
 
     ``poll()`` returns what happened since the last call (Seen, Missed and
-    Notice records; each response after its request); it never blocks.  The layout may appear late and the bus may
-    restart any number of times (Gen B: a new handshake; Gen A: both blocks
-    zeroed)."""
+    Notice records; each response after its request); it never blocks.  The
+    layout may appear late and the bus may restart any number of times (Gen
+    B: a new handshake; Gen A: both blocks zeroed)."""
 
     def __init__(self, region: Region, *, layout: str = "b", offset: int = 0, window: int = 8192,
                  placement: str = "0/4k", profile: str = "g2"):

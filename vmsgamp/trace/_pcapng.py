@@ -112,12 +112,13 @@ def interface_block(iface: Interface) -> bytes:
 
 
 # The bytes after an EPB's packet data depend only on the direction and the
-# data length: padding, the epb_flags option, opt_endofopt, the trailing length.
-_TAILS: dict[tuple[int, int], bytes] = {}
+# data length: padding, the epb_flags option, opt_endofopt, the trailing
+# length.  Cached by (length << 2 | direction).
+_TAILS: dict[int, bytes] = {}
 
 
 def _tail(direction: int, n: int) -> bytes:
-    key = (direction, n)
+    key = n << 2 | direction
     tail = _TAILS.get(key)
     if tail is None:
         total = 44 + n + (-n & 3)
@@ -130,15 +131,15 @@ def _tail(direction: int, n: int) -> bytes:
 
 def encode_packets(items: Iterable[tuple[int, int, bytes]], out: bytearray) -> int:
     """Append one EPB per ``(time_ns, key, data)`` to ``out``; ``key`` is
-    ``interface << 2 | direction``.  Returns how many were encoded."""
+    ``interface << 2 | direction`` and ``time_ns`` below 2**64.  Returns how
+    many were encoded."""
     pack = _EPB_HEAD.pack
     tails = _TAILS
     count = 0
     for ts, key, data in items:
         n = len(data)
-        d = key & 3
-        tail = tails.get((d, n)) or _tail(d, n)
-        out += pack(_EPB, 44 + n + (-n & 3), key >> 2, (ts >> 32) & 0xFFFFFFFF, ts & 0xFFFFFFFF, n, n)
+        tail = tails.get(n << 2 | (key & 3)) or _tail(key & 3, n)
+        out += pack(_EPB, 44 + n + (-n & 3), key >> 2, ts >> 32, ts & 0xFFFFFFFF, n, n)
         out += data
         out += tail
         count += 1

@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
+from operator import itemgetter
 from typing import BinaryIO
 
 from vmsgamp.trace._pcapng import (
     DESCRIPTIONS, DIR_INBOUND, DIR_OUTBOUND, Interface, PcapngWriter, encode_packets,
 )
+
+_CHUNK = 512     # messages encoded per write()
 
 # Region URI options that only matter when creating the object: two ends of
 # one bus name it the same way in their captures.
@@ -135,24 +138,21 @@ class Tracer:
     def _write_pending(self) -> int:
         """Encode and write everything queued (caller holds the lock)."""
         q = self._queue
-        if not q:
-            return 0
-        out = bytearray()
-        items = []
-        pop = q.popleft
-        try:
-            while True:
-                items.append(pop())
-        except IndexError:
-            pass
-        encode_packets(items, out)
-        self._writer.write_encoded(out)
-        counts = self.counts
-        for _ts, key, _data in items:
-            k = (key >> 2, key & 3)
-            counts[k] = counts.get(k, 0) + 1
-        self.written += len(items)
-        return len(items)
+        total = 0
+        pop = q.popleft        # taps only append meanwhile: len(q) items are there
+        while q:
+            # In chunks: each write() releases the GIL, so a bus thread waiting
+            # for it is not held up for a whole second's worth of encoding.
+            items = [pop() for _ in range(min(len(q), _CHUNK))]
+            out = bytearray()
+            encode_packets(items, out)
+            self._writer.write_encoded(out)
+            for key, n in Counter(map(itemgetter(1), items)).items():
+                k = (key >> 2, key & 3)
+                self.counts[k] = self.counts.get(k, 0) + n
+            self.written += len(items)
+            total += len(items)
+        return total
 
     def flush(self) -> int:
         """Write what is pending now; returns the number of packets written."""
