@@ -4,15 +4,18 @@ per-message cost of the hot path and of the writer.
 
     python bench/trace_overhead.py [--duration S] [--rounds N] [--json]
 
-Runs alternate (off, on, off, on, ...) and report medians, so a busy machine
-hurts both sides alike.  Two processes as in `vmsgamp bench devices`: the
-device models in a forked process, the driver here, eventfd doorbells.
+One device process and one driver process (as `vmsgamp bench devices`: the
+models forked, the driver here, eventfd doorbells) for the whole run; tracing
+is switched on and off at run time on both ends (the device end through a
+control pipe) between measurements, alternating, and medians are reported, so
+a busy machine hurts both modes alike.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import select
 import statistics
 import tempfile
 import time
@@ -25,31 +28,61 @@ from vmsgamp.testing.amp import amp_pair
 from vmsgamp.trace import Tracer
 
 
-def _one_run(traced: bool, duration: float, pings: int, tmp: str, tag: str) -> dict[str, float]:
-    tracers: list[Tracer] = []
-
+def _device_switch(ctl_r: int, ack_w: int, path: str):
+    """server_hook for the device process: b"1" on the pipe attaches a
+    tracer to its bus, b"0" detaches it; each is acknowledged."""
     def hook(server) -> None:
-        if traced:   # runs in the device process (which ends with os._exit: no final flush)
-            t = Tracer(os.path.join(tmp, f"{tag}-device.pcapng"))
-            server.bus.attach_tracer(t, "memfd:bench")
+        tracer = Tracer(path)
 
-    out: dict[str, float] = {}
-    with amp_pair(lambda: [RngDevice(), ConsoleDevice(EchoBackend())], server_hook=hook) as drv:
-        if traced:
-            t = Tracer(os.path.join(tmp, f"{tag}-driver.pcapng"))
-            tracers.append(t)
-            drv.bus.attach_tracer(t, "memfd:bench")
-        out["ping_p50_us"] = drv.ping(pings)["p50_us"]
-        r = rng(drv, 0, duration=duration, request=4096, in_flight=32, packed=True)
-        out["rng_mb_per_s"] = r["mb_per_s"]
-        c = console(drv, 1, duration=duration, rounds=1_000_000, packed=True)
-        out["console_rtt_p50_us"] = c["rtt_p50_us"]
-        msgs = drv.bus.conn.counters.tx_messages + drv.bus.conn.counters.rx_messages
-        out["driver_messages"] = float(msgs)
-    for t in tracers:
-        t.close()
-        out["traced_messages"] = float(t.written)
+        def toggle() -> None:
+            cmd = os.read(ctl_r, 1)
+            if cmd == b"1":
+                server.bus.attach_tracer(tracer, "memfd:bench")
+            else:
+                server.bus.detach_tracer()
+                tracer.flush()
+            os.write(ack_w, b"k")
+
+        server.add_fd(ctl_r, toggle)
+    return hook
+
+
+def _measure(drv, duration: float, pings: int) -> dict[str, float]:
+    counters = drv.bus.conn.counters
+    m0, cpu0 = counters.tx_messages + counters.rx_messages, time.process_time()
+    out = {"ping_p50_us": drv.ping(pings)["p50_us"]}
+    out["rng_mb_per_s"] = rng(drv, 0, duration=duration, request=4096, in_flight=32, packed=True)["mb_per_s"]
+    out["console_rtt_p50_us"] = console(drv, 1, duration=duration, rounds=1_000_000, packed=True)["rtt_p50_us"]
+    msgs = counters.tx_messages + counters.rx_messages - m0
+    out["driver_cpu_us_per_message"] = (time.process_time() - cpu0) / msgs * 1e6
     return out
+
+
+def _runs(duration: float, pings: int, rounds: int, tmp: str) -> dict[str, list[dict[str, float]]]:
+    ctl_r, ctl_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    hook = _device_switch(ctl_r, ack_w, os.path.join(tmp, "device.pcapng"))
+    runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
+    with Tracer(os.path.join(tmp, "driver.pcapng")) as tracer:
+        # Every measurement opens both devices again (rings are never freed): room for many.
+        with amp_pair(lambda: [RngDevice(), ConsoleDevice(EchoBackend())], server_hook=hook,
+                      region_size=64 << 20) as drv:
+            for _ in range(rounds):
+                for mode in ("off", "on"):
+                    os.write(ctl_w, b"1" if mode == "on" else b"0")
+                    if not select.select([ack_r], [], [], 10)[0]:
+                        raise RuntimeError("the device process did not switch tracing")
+                    os.read(ack_r, 1)
+                    if mode == "on":
+                        drv.bus.attach_tracer(tracer, "memfd:bench")
+                    else:
+                        drv.bus.detach_tracer()
+                    runs[mode].append(_measure(drv, duration, pings))
+                    tracer.flush()
+            drv.bus.detach_tracer()
+    for fd in (ctl_r, ctl_w, ack_r, ack_w):
+        os.close(fd)
+    return runs
 
 
 def _hot_path_ns(batches: int = 200, batch: int = 1000) -> dict[str, float]:
@@ -82,11 +115,8 @@ def main() -> None:
     ap.add_argument("--pings", type=int, default=2000)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    runs: dict[str, list[dict[str, float]]] = {"off": [], "on": []}
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(args.rounds):
-            for mode in ("off", "on"):
-                runs[mode].append(_one_run(mode == "on", args.duration, args.pings, tmp, f"{mode}{i}"))
+        runs = _runs(args.duration, args.pings, args.rounds, tmp)
     med = {mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in runs.items()}
     hot = _hot_path_ns()
     off, on = med["off"], med["on"]
@@ -95,6 +125,7 @@ def main() -> None:
         "rng_throughput_change_pct": 100 * (on["rng_mb_per_s"] / off["rng_mb_per_s"] - 1),
         "console_rtt_added_us": on["console_rtt_p50_us"] - off["console_rtt_p50_us"],
         "ping_rtt_added_us": on["ping_p50_us"] - off["ping_p50_us"],
+        "driver_cpu_added_us_per_message": on["driver_cpu_us_per_message"] - off["driver_cpu_us_per_message"],
         "rounds": args.rounds, "duration_s": args.duration,
     }
     if args.json:
@@ -107,6 +138,8 @@ def main() -> None:
           f"({result['console_rtt_added_us']:+.1f} us; 4 messages per round trip, 2 per end)")
     print(f"  bus PING p50:      {off['ping_p50_us']:.1f} -> {on['ping_p50_us']:.1f} us "
           f"({result['ping_rtt_added_us']:+.1f} us; 2 messages per end)")
+    print(f"  driver process CPU per bus message: {off['driver_cpu_us_per_message']:.2f} -> "
+          f"{on['driver_cpu_us_per_message']:.2f} us ({result['driver_cpu_added_us_per_message']:+.2f} us)")
     print(f"  per message, best (median) of 200 batches: bus thread {hot['tap_ns_per_message']:.0f} "
           f"({hot['tap_ns_median']:.0f}) ns, writer thread {hot['writer_ns_per_message']:.0f} "
           f"({hot['writer_ns_median']:.0f}) ns")
