@@ -10,7 +10,9 @@ from conftest import start_pair
 from vmsgamp._core.doorbell import EventfdDoorbell
 from vmsgamp._core.fifo import MsgFifo
 from vmsgamp._core.region import Region
-from vmsgamp.protocol import GetDeviceStatusRequest, GetDeviceStatusResponse, PingRequest, encode
+from vmsgamp.protocol import (
+    GetDeviceStatusRequest, GetDeviceStatusResponse, PingRequest, PingResponse, encode,
+)
 from vmsgamp.trace import DIR_INBOUND, DIR_OUTBOUND, Missed, Notice, Observer, Seen
 
 SLOTS = {"b": 63, "a": 62}
@@ -19,16 +21,19 @@ SLOTS = {"b": 63, "a": 62}
 class Bus:
     """A device and a driver FIFO over one memfd, and a read-only mapping of it."""
 
-    def __init__(self, layout: str):
+    def __init__(self, layout: str, profile: str = "g2"):
         self.layout = layout
+        self.profile = profile
         self.region = Region.memfd(16384)
         self.ro = Region.from_fd(self.region.fd, self.region.size, readonly=True)
         self.bells = EventfdDoorbell.pair()
         self.dev = self.drv = None
 
     def start(self):
-        self.dev = MsgFifo(self.region, role="device", layout=self.layout, doorbell=self.bells[0])
-        self.drv = MsgFifo(self.region, role="driver", layout=self.layout, doorbell=self.bells[1])
+        self.dev = MsgFifo(self.region, role="device", layout=self.layout, doorbell=self.bells[0],
+                           header=self.profile)
+        self.drv = MsgFifo(self.region, role="driver", layout=self.layout, doorbell=self.bells[1],
+                           header=self.profile)
         start_pair(self.dev, self.drv)
 
     def restart_driver(self):
@@ -37,8 +42,9 @@ class Bus:
         start_pair(self.dev, self.drv)
 
     def request(self, i: int) -> tuple[bytes, bytes]:
-        req = encode(GetDeviceStatusRequest(dev_num=1, token=i & 0xFFFF or 1))
-        resp = encode(GetDeviceStatusResponse(dev_num=1, token=i & 0xFFFF or 1, status=i & 0xFF))
+        req = encode(GetDeviceStatusRequest(dev_num=1, token=i & 0xFFFF or 1), profile=self.profile)
+        resp = encode(GetDeviceStatusResponse(dev_num=1, token=i & 0xFFFF or 1, status=i & 0xFF),
+                      profile=self.profile)
         assert self.drv.try_send(req)
         assert self.dev.recv_bytes(1) == req
         assert self.dev.try_send(resp)
@@ -63,7 +69,7 @@ def bus(request):
 
 
 def _observer(bus, **kw):
-    return Observer(bus.ro, layout=bus.layout, window=8192, **kw)
+    return Observer(bus.ro, layout=bus.layout, window=8192, profile=bus.profile, **kw)
 
 
 def _seen(recs):
@@ -95,6 +101,30 @@ def test_layout_appearing_late_then_every_message_in_order(bus):
             expected = []
     assert _seen(obs.poll()) == expected
     assert obs.missed == 0 and obs.seen == 2 * 199
+
+
+@pytest.mark.parametrize("profile", ["g2", "g1"])
+def test_each_response_follows_its_request_within_one_look(profile):
+    """Requests and responses that pile up between two looks come out
+    interleaved as they happened, also without tokens (G1); a request from
+    the device side and the driver's answer too."""
+    bus = Bus("b", profile)
+    try:
+        bus.start()
+        obs = _observer(bus)
+        obs.poll()
+        expected = []
+        for i in range(1, 6):
+            req, resp = bus.request(i)
+            expected += [(DIR_OUTBOUND, req), (DIR_INBOUND, resp)]
+        ping = encode(PingRequest(token=9, data=9), profile=profile)
+        pong = encode(PingResponse(token=9, data=9), profile=profile)
+        assert bus.dev.try_send(ping) and bus.drv.recv_bytes(1) == ping
+        assert bus.drv.try_send(pong) and bus.dev.recv_bytes(1) == pong
+        expected += [(DIR_INBOUND, ping), (DIR_OUTBOUND, pong)]
+        assert _seen(obs.poll()) == expected
+    finally:
+        bus.close()
 
 
 def test_falling_behind_is_reported_not_printed(bus):

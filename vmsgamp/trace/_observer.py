@@ -234,32 +234,51 @@ def _merge(outbound: list, inbound: list, g2: bool) -> list:
 
     Each direction's order is the true one; across directions only this is
     known: a response comes after its request.  So take the device -> driver
-    head whenever it is not a response to a request still waiting in the other
-    batch, else the driver -> device head (a response answers the newest
-    request with its key; a token-0 bus response, as QEMU sends, matches by
-    msg_id alone)."""
+    head unless it is a response whose request is still waiting in the other
+    batch, else the driver -> device head under the same rule.  A response
+    answers an emitted, unanswered request with its key first (G1 has no
+    token: the oldest one of its kind); a token-0 bus response, as QEMU sends
+    them, matches by msg_id alone."""
     if not outbound or not inbound:
         return outbound + inbound
     keys = {id(r): _pair_key(r, g2) for r in outbound + inbound}
+    open_exact: dict[tuple, int] = {}
+    open_loose: dict[tuple, int] = {}
 
-    def waits_for(rec, other: list, start: int) -> bool:
+    def emit(rec, merged: list) -> None:
         is_resp, exact, loose = keys[id(rec)]
-        if not is_resp:
+        if exact is not None:
+            if not is_resp:
+                open_exact[exact] = open_exact.get(exact, 0) + 1
+                open_loose[loose] = open_loose.get(loose, 0) + 1
+            elif open_exact.get(exact):
+                open_exact[exact] -= 1
+                open_loose[loose] -= 1
+            elif exact[3] == 0 and open_loose.get(loose):
+                open_loose[loose] -= 1
+        merged.append(rec)
+
+    def waits(rec, other: list, start: int) -> bool:
+        is_resp, exact, loose = keys[id(rec)]
+        if not is_resp or open_exact.get(exact) or (exact[3] == 0 and open_loose.get(loose)):
             return False
         for r in other[start:]:
             r_resp, r_exact, r_loose = keys[id(r)]
-            if not r_resp and (r_exact == exact or (exact[3] == 0 and r_loose == loose)):
+            if r_exact is not None and not r_resp and (r_exact == exact or (exact[3] == 0 and r_loose == loose)):
                 return True
         return False
 
     merged: list = []
     i = j = 0
     while i < len(outbound) or j < len(inbound):
-        if j < len(inbound) and (i == len(outbound) or not waits_for(inbound[j], outbound, i)):
-            merged.append(inbound[j])
+        if j < len(inbound) and (i == len(outbound) or not waits(inbound[j], outbound, i)):
+            emit(inbound[j], merged)
             j += 1
-        else:
-            merged.append(outbound[i])
+        elif i < len(outbound) and (j == len(inbound) or not waits(outbound[i], inbound, j)):
+            emit(outbound[i], merged)
+            i += 1
+        else:       # each waits for the other: impossible for sane traffic
+            emit(outbound[i], merged)
             i += 1
     return merged
 
