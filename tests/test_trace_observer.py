@@ -169,18 +169,23 @@ def test_lap_with_identical_bytes_is_caught_by_the_consumer_index(bus):
 
 
 class _Racing:
-    """A region whose bulk reads let the producer run on while they copy."""
+    """A region whose next bulk read lets the peer act while it copies: the
+    copy sees the old bytes (``first=False``) or the new ones."""
 
-    def __init__(self, region, during_copy):
+    def __init__(self, region, during_copy, first=False):
         self._r = region
         self.size = region.size
         self.during_copy = during_copy
+        self.first = first
         self.armed = False
 
     def __getattr__(self, name):
         return getattr(self._r, name)
 
     def read(self, off, n):
+        if self.armed and self.first:
+            self.armed = False
+            self.during_copy()
         data = self._r.read(off, n)
         if self.armed:
             self.armed = False
@@ -305,6 +310,44 @@ def test_bus_restart_starts_counting_from_zero_again():
         got = _seen(obs.poll())
         assert got == [x for req, resp in pairs for x in ((DIR_OUTBOUND, req), (DIR_INBOUND, resp))]
         assert obs.sessions == 2 and obs.missed == 0
+    finally:
+        bus.close()
+
+
+def test_a_side_clearing_its_ring_under_our_copy_is_not_a_lap():
+    """The driver leaves; while we copy the device's ring the device starts
+    over (state INIT, ring and index zeroed).  The changed slots are a restart,
+    not messages gone by: nothing is printed and nothing counted as missed."""
+    bus = Bus("b")
+    try:
+        bus.start()
+        obs = _observer(bus)
+        obs.poll()
+        for i in range(1, 4):
+            bus.request(i)
+        assert len(_seen(obs.poll())) == 6
+        bus.drv.close()
+        ring = obs.rings[1]                           # device -> driver
+        dev_qh = obs._dev_qh
+        snapshot = bus.region.read(0, 16384)          # to replay the same moment twice
+        states = [dict(r.__dict__) for r in obs.rings]
+
+        def restart():
+            bus.region.store16(dev_qh + 2, 0, "release")     # INIT
+            bus.region.store16(dev_qh + 4, 0, "release")     # its producer index
+            bus.region.zero(ring.elems, ring.n * ring.slot)
+
+        for first in (False, True):    # the copy holds the old slots, or the cleared ones
+            bus.region.write(0, snapshot)
+            obs.up, obs._waiting = True, None
+            for r, st in zip(obs.rings, states):
+                r.__dict__.update(st)
+            racing = _Racing(bus.ro, restart, first)
+            racing.armed = True
+            ring.region = racing
+            recs = obs.poll()
+            assert not _seen(recs) and not _missed(recs), (first, recs)
+            assert obs.missed == 0 and not obs.up
     finally:
         bus.close()
 

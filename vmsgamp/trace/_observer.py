@@ -438,7 +438,7 @@ class Observer:
             after = self._heads()
             still = self._trusted(after)
             for k, batch in enumerate(batches):
-                if trust[k] and (not still[k] or self._zeroed_batch(batch, after, k)):
+                if trust[k] and (not still[k] or self._restarting(batch, after, k)):
                     # The producer restarted (it zeroes its indices and slots): the
                     # copy means nothing, never print it.  What went by unread is
                     # at least what the consumer took since our last look, if the
@@ -504,12 +504,14 @@ class Observer:
                               f"the {side} side restarted and cleared its ring before they were read")
         return Notice(now, f"the {side} side restarted; what it sent last may be missing", False)
 
-    def _zeroed_batch(self, batch: list, heads: tuple[int, int, int], k: int) -> bool:
-        """A producer that is not RUN and shows an all-zero slot is clearing its ring."""
+    def _restarting(self, batch: list, heads: tuple[int, int, int], k: int) -> bool:
+        """A producer that is not RUN does not go round its ring: if its slots
+        changed behind its index, or show all zeros, it is clearing them for a
+        new session."""
         st = heads[2] if k == 0 else heads[1]
         if (st & _STATE_MASK) == _STATE_RUN:
             return False
-        return any(isinstance(rec, Seen) and not rec.size_ok and not any(rec.data) for rec in batch)
+        return any(isinstance(rec, Missed) or (not rec.size_ok and not any(rec.data)) for rec in batch)
 
     def _states(self) -> tuple[int, int] | None:
         r = self.region
