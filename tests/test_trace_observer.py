@@ -352,6 +352,44 @@ def test_a_side_clearing_its_ring_under_our_copy_is_not_a_lap():
         bus.close()
 
 
+def test_a_consumer_restarting_under_our_look_is_not_a_lap():
+    """The driver leaves with requests we have not read yet; right after we
+    looked at the states the device starts over, zeroing its queue head (the
+    consumer index of the driver's ring) and its own ring.  The driver's
+    requests are intact and printed; the device's cleared responses are
+    counted from the driver's consumer index."""
+    bus = Bus("b")
+    try:
+        bus.start()
+        obs = _observer(bus)
+        obs.poll()
+        for i in range(1, 4):
+            bus.request(i)
+        assert len(_seen(obs.poll())) == 6            # consumer indices now at 3
+        reqs = [bus.request(i)[0] for i in range(4, 9)]
+        bus.drv.close()
+        dev_ring = obs.rings[1]
+        dev_qh = obs._dev_qh
+        real_load = dev_ring.load
+        fired = []
+
+        def load(off, order="relaxed"):
+            if not fired:
+                fired.append(1)
+                bus.region.store16(dev_qh + 2, 0, "release")     # INIT
+                bus.region.store16(dev_qh + 4, 0, "release")     # its producer index
+                bus.region.store16(dev_qh + 6, 0, "release")     # its consumer index
+                bus.region.zero(dev_ring.elems, dev_ring.n * dev_ring.slot)
+            return real_load(off, order)
+
+        dev_ring.load = load
+        recs = obs.poll()
+        assert _seen(recs) == [(DIR_OUTBOUND, r) for r in reqs]
+        assert [(m.direction, m.count, m.at_least) for m in _missed(recs)] == [(DIR_INBOUND, 5, True)]
+    finally:
+        bus.close()
+
+
 def test_hostile_indices_and_slots_are_reported_not_trusted():
     """Gen A, with the observer's view of a peer writing nonsense: an index out
     of range is a notice; a slot with an impossible msg_size is one whole-slot

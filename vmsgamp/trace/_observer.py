@@ -122,6 +122,15 @@ class _Ring:
         self.snap_from = 0      # messages >= this may have changed since the snapshot was taken
         self.p = self.c = 0
 
+    _STATE = ("last_p", "last_c", "p_total", "c_total", "obs_total", "snap", "snap_from", "p", "c")
+
+    def save(self) -> dict:
+        return {name: getattr(self, name) for name in self._STATE}
+
+    def restore(self, state: dict) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
     def sample(self) -> None:
         """Phase 1: read the indices (consumer first, so it is never ahead)."""
         c = self.load(self.cons, "acquire")   # A2: pairs with the consumer's R2
@@ -425,25 +434,33 @@ class Observer:
             return
         # Status words first (A3): a side that shuts down publishes its last
         # messages before it changes state, so they are still collected; and
-        # once a look ends with a side gone, one more look catches what it
+        # once a look ends with a side gone, another look catches what it
         # published between our index read and its state change.
         heads = self._heads()
-        for _final in (False, True):
+        for _look in range(3):
             trust = self._trusted(heads)
             if not any(trust):
                 break
             holding = self._holding(heads)
-            where = [ring.obs_total % ring.n for ring in self.rings]
+            saved = [ring.save() for ring in self.rings]
             batches, broken = self._collect(now, trust, holding)
             after = self._heads()
-            still = self._trusted(after)
+            still, held = self._trusted(after), self._holding(after)
             for k, batch in enumerate(batches):
-                if trust[k] and (not still[k] or self._restarting(batch, after, k)):
+                if not trust[k]:
+                    continue
+                if holding[k] and not held[k]:
+                    # The consumer restarted under our copy: its index (used to
+                    # spot laps) meant nothing.  Forget this look at the ring;
+                    # the next one reads it without the consumer.
+                    self.rings[k].restore(saved[k])
+                    batches[k] = []
+                elif not still[k] or self._restarting(batch, after, k):
                     # The producer restarted (it zeroes its indices and slots): the
                     # copy means nothing, never print it.  What went by unread is
                     # at least what the consumer took since our last look, if the
                     # consumer still holds its index.
-                    batches[k] = [self._lost(now, k, where[k] if holding[k] else None)]
+                    batches[k] = [self._lost(now, k, saved[k]["obs_total"] if held[k] else None)]
             got = _merge(batches[0], batches[1], self.hdr == 8)
             self._account(got)
             out.extend(got)
@@ -494,11 +511,11 @@ class Observer:
             return "bus down: the device side is rewriting the layout"
         return f"bus down: device {state_name(dev_st)}, driver {state_name(drv_st)}"
 
-    def _lost(self, now: int, k: int, where: int | None) -> Missed | Notice:
+    def _lost(self, now: int, k: int, seen_until: int | None) -> Missed | Notice:
         ring = self.rings[k]
         side = ("driver", "device")[k]
-        if where is not None:
-            taken = (ring.c - where) % ring.n
+        if seen_until is not None:
+            taken = (ring.c - seen_until) % ring.n
             if taken:
                 return Missed(now, ring.direction, taken, True,
                               f"the {side} side restarted and cleared its ring before they were read")
