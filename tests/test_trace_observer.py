@@ -390,6 +390,38 @@ def test_a_consumer_restarting_under_our_look_is_not_a_lap():
         bus.close()
 
 
+def test_a_whole_session_between_two_looks_is_counted():
+    """The driver's queue head going from INIT to SHUTDOWN while we never saw
+    both sides in RUN means a session came and went unseen; its indices say
+    (at least) how much it carried."""
+    bus = Bus("b")
+    try:
+        bus.start()
+        obs = _observer(bus)
+        obs.poll()
+        bus.drv.close()
+        obs.poll()                                   # down; the old driver says SHUTDOWN
+        drv_qh = obs._drv_qh
+
+        def look():
+            obs._next_layout_check = 0
+            return obs.poll()
+
+        assert not _missed(look())
+        bus.region.store16(drv_qh + 2, 0x2000, "release")        # a new driver: INIT
+        assert not _missed(look())
+        bus.region.store16(drv_qh + 4, 7, "release")             # it sent 7
+        bus.region.store16(drv_qh + 6, 6, "release")             # and took 6
+        bus.region.store16(drv_qh + 2, 0x2003, "release")        # and left: SHUTDOWN
+        recs = look()
+        assert [(m.direction, m.count, m.at_least) for m in _missed(recs)] == [
+            (DIR_OUTBOUND, 7, True), (DIR_INBOUND, 6, True)]
+        assert not _missed(look())                   # said once
+        assert obs.missed == 13 and obs.missed_at_least
+    finally:
+        bus.close()
+
+
 def test_hostile_indices_and_slots_are_reported_not_trusted():
     """Gen A, with the observer's view of a peer writing nonsense: an index out
     of range is a notice; a slot with an impossible msg_size is one whole-slot

@@ -60,7 +60,8 @@ _QO_MAGIC = 0x514F
 _STATE_MASK = 0x1F
 _STATE_INIT = 0
 _STATE_RUN = 2
-_HOLDING = (2, 3, 4)     # RUN, SHUTDOWN, PEER_DEAD: a side in these keeps its indices
+_STATE_SHUTDOWN, _STATE_PEER_DEAD = 3, 4
+_HOLDING = (_STATE_RUN, _STATE_SHUTDOWN, _STATE_PEER_DEAD)   # a side in these keeps its indices
 _QH_MAGIC, _QH_STATUS, _QH_TAIL, _QH_HEAD = 0, 2, 4, 6
 _SPSC_HEAD, _SPSC_TAIL, _SPSC_PACKETS, _SPSC_SLOTS, _SPSC_SLOT = 0, 64, 128, 62, 64
 _HEADERS = {"g2": (8, 6), "g1": (6, 4)}   # header size, offset of msg_size
@@ -332,6 +333,7 @@ class Observer:
         self.missed = 0
         self.missed_at_least = False
         self._waiting: str | None = None   # why we are not following, once said
+        self._drv_seen: int | None = None   # the driver's state at our last look while waiting
         self._saw_down = False             # a session that starts now starts at index 0
         self._layout_key: tuple | None = None
         self._next_layout_check = 0.0
@@ -418,6 +420,7 @@ class Observer:
             st = self._states()
             if st is None:
                 self._saw_down = True
+                self._unseen_session(now, out)
                 self._notice(now, out, "waiting for both sides to reach RUN", False)
                 return
             try:
@@ -428,6 +431,7 @@ class Observer:
                 return
             self.up = True
             self.sessions += 1
+            self._drv_seen = None
             n = self.rings[0].n
             self._notice(now, out, f"bus up: layout B, {n} slots of {self.rings[0].slot} bytes each way"
                          + ("" if self._saw_down else " (joined a running session)"), True)
@@ -529,6 +533,27 @@ class Observer:
         if (st & _STATE_MASK) == _STATE_RUN:
             return False
         return any(isinstance(rec, Missed) or (not rec.size_ok and not any(rec.data)) for rec in batch)
+
+    def _unseen_session(self, now: int, out: list) -> None:
+        """A whole session can come and go between two looks (a short one on a
+        busy machine).  The driver's queue head gives it away: it went from
+        another state to SHUTDOWN/PEER_DEAD while we never saw RUN on both
+        sides, and its indices count (modulo the ring) what it sent and took."""
+        r = self.region
+        magic = r.load16(self._drv_qh + _QH_MAGIC, "acquire")
+        state = r.load16(self._drv_qh + _QH_STATUS, "acquire") & _STATE_MASK   # A3
+        gone = magic == _QO_MAGIC and state in (_STATE_SHUTDOWN, _STATE_PEER_DEAD)
+        prev, self._drv_seen = self._drv_seen, (state if magic == _QO_MAGIC else None)
+        if not gone or prev is None or prev in (_STATE_SHUTDOWN, _STATE_PEER_DEAD):
+            return
+        sent = r.load16(self._drv_qh + _QH_TAIL, "acquire")   # A1: its final producer index
+        took = r.load16(self._drv_qh + _QH_HEAD, "acquire")   # A2: its final consumer index
+        reason = "a whole session went by between two looks"
+        for direction, count in ((DIR_OUTBOUND, sent), (DIR_INBOUND, took)):
+            if 0 < count < self.rings[0].n:
+                out.append(Missed(now, direction, count, True, reason))
+                self.missed += count
+                self.missed_at_least = True
 
     def _states(self) -> tuple[int, int] | None:
         r = self.region
