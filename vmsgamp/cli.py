@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "vmsgamp._cmd.ivshmem_server",
     "vmsgamp._cmd.vhost_user",
     "vmsgamp._cmd.doctor",
+    "vmsgamp._cmd.trace",
 ]
 
 

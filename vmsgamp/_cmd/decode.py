@@ -22,7 +22,11 @@ def register(subparsers: Any) -> None:
                     "(spaces, colons, dashes and a 0x prefix are allowed; quote a message that contains spaces). "
                     "Bytes beyond msg_size are ignored, as in a FIFO slot.",
     )
-    p.add_argument("hex", nargs="+", metavar="HEX", help="one message as hex, e.g. '00 02 00 00 05 00 08 00'")
+    p.add_argument("hex", nargs="*", metavar="HEX", help="one message as hex, e.g. '00 02 00 00 05 00 08 00'")
+    p.add_argument("--pcap", metavar="FILE",
+                   help="decode a capture (pcapng from --trace or `vmsgamp trace -w`, or pcap) "
+                        "instead: one line per message as `vmsgamp trace` prints them; with --json, "
+                        "JSON Lines as `vmsgamp trace --json` and a last {\"record\": \"end\"}")
     p.add_argument("--profile", choices=("g2", "g1"), default="g2",
                    help="header generation: g2 = 8-byte header with token (default), g1 = 6-byte header")
     p.add_argument("--max-size", type=int, default=SLOT_SIZE, metavar="BYTES",
@@ -82,6 +86,13 @@ def format_line(index: int, entry: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.pcap is not None or not args.hex:
+        if args.hex or args.pcap is None:
+            print("vmsgamp decode: error: give HEX messages or --pcap FILE (not both)", file=sys.stderr)
+            return 2
+        from vmsgamp._cmd.trace import print_capture
+
+        return print_capture(args, args.pcap)
     entries = [decode_one(text, args.profile, args.max_size) for text in args.hex]
     failed = [(i, e) for i, e in enumerate(entries) if "error" in e]
     if args.json:

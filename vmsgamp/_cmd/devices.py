@@ -6,6 +6,7 @@ import argparse
 from vmsgamp._cmd._common import (
     add_endpoint_args, driver_memory_start, emit, open_endpoint, start_driver_bus,
 )
+from vmsgamp._cmd.trace import add_trace_arg, close_tracer, open_tracer, trace_line
 from vmsgamp._core.addrspace import RegionAllocator
 from vmsgamp.bus import AmpDriver
 
@@ -16,18 +17,33 @@ FEATURE_NAMES = {28: "INDIRECT_DESC", 29: "EVENT_IDX", 32: "VERSION_1", 33: "ACC
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("devices", help="enumerate the devices on a bus (driver side)")
     add_endpoint_args(p)
+    add_trace_arg(p)
     p.set_defaults(func=run_devices)
     p = sub.add_parser("ping", help="bus PING round trips (driver side)")
     add_endpoint_args(p)
     p.add_argument("-n", "--count", type=int, default=10, help="number of pings (default 10)")
+    add_trace_arg(p)
     p.set_defaults(func=run_ping)
 
 
 def _driver(args: argparse.Namespace):
-    carrier, fifo = open_endpoint(args, "driver")
-    bus = start_driver_bus(args, carrier, fifo)
+    tracer = open_tracer(args.trace)
+    try:
+        carrier, fifo = open_endpoint(args, "driver")
+        bus = start_driver_bus(args, carrier, fifo)
+    except BaseException:
+        close_tracer(tracer)
+        raise
+    if tracer is not None:
+        bus.attach_tracer(tracer, args.region)
     alloc = RegionAllocator(carrier.region, min(driver_memory_start(fifo), carrier.region.size))
-    return carrier, bus, AmpDriver(bus, alloc, timeout=args.timeout)
+    return carrier, bus, AmpDriver(bus, alloc, timeout=args.timeout), tracer
+
+
+def _with_trace(obj: dict, lines: list[str], summary: dict | None) -> None:
+    if summary:
+        obj["trace"] = summary
+        lines.append(trace_line(summary))
 
 
 def feature_names(bits: int) -> list[str]:
@@ -35,10 +51,11 @@ def feature_names(bits: int) -> list[str]:
 
 
 def run_devices(args: argparse.Namespace) -> int:
-    carrier, bus, drv = _driver(args)
+    carrier, bus, drv, tracer = _driver(args)
     try:
         infos = [drv.info(n) for n in drv.enumerate()]
     finally:
+        traced = close_tracer(tracer, bus)
         bus.close()
         carrier.close()
     rows = [i.as_dict() | {"feature_names": feature_names(i.features)} for i in infos]
@@ -49,20 +66,25 @@ def run_devices(args: argparse.Namespace) -> int:
             lines.append(f"{r['dev_num']:>3}  {r['device_id']:>3}  {r['name']:8} {r['vendor_id']:#010x}  "
                          f"{r['config_size']:>4}  {','.join(map(str, r['queue_max_sizes'])) or '-':11}  "
                          f"{r['features']:#x} {' '.join(r['feature_names'])}")
-    emit(args, {"region": args.region, "devices": rows}, "\n".join(lines))
+    obj = {"region": args.region, "devices": rows}
+    _with_trace(obj, lines, traced)
+    emit(args, obj, "\n".join(lines))
     return 0
 
 
 def run_ping(args: argparse.Namespace) -> int:
     if args.count < 1:
         raise ValueError("--count must be at least 1")
-    carrier, bus, drv = _driver(args)
+    carrier, bus, drv, tracer = _driver(args)
     try:
         stats = drv.ping(args.count)
     finally:
+        traced = close_tracer(tracer, bus)
         bus.close()
         carrier.close()
-    emit(args, {"region": args.region, **stats},
-         f"{stats['count']} pings to {args.region}: p50 {stats['p50_us']:.1f} us, "
-         f"p99 {stats['p99_us']:.1f} us, min {stats['min_us']:.1f} us, max {stats['max_us']:.1f} us")
+    obj = {"region": args.region, **stats}
+    lines = [f"{stats['count']} pings to {args.region}: p50 {stats['p50_us']:.1f} us, "
+             f"p99 {stats['p99_us']:.1f} us, min {stats['min_us']:.1f} us, max {stats['max_us']:.1f} us"]
+    _with_trace(obj, lines, traced)
+    emit(args, obj, "\n".join(lines))
     return 0

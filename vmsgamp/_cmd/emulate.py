@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layout", choices=["b", "a"], default="b")
     p.add_argument("--packed", choices=["auto", "on", "off"], default="auto",
                    help="virtqueue format (auto: packed when the device offers it)")
+    p.add_argument("--trace", metavar="FILE.pcapng", default=None,
+                   help="capture both ends: the driver end to FILE.pcapng, the device end to "
+                        "FILE.device.pcapng")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--coprocessor", choices=["m4"], default=None,
                    help="serve the devices from the C kit's firmware on an emulated Cortex-M4 "
@@ -37,6 +40,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--m4-doorbell", choices=["uart", "poll"], default="uart",
                    help="with --coprocessor m4: ring through the M4's UART (default) or poll")
     p.set_defaults(func=run)
+
+
+def device_trace_path(path: str) -> str:
+    """Where the device end's capture goes next to the driver end's."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.device{ext or '.pcapng'}"
 
 
 def _default_devices() -> str:
@@ -59,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     from vmsgamp.devices.exercise import EXERCISES
     from vmsgamp.protocol import DriverConnection
 
+    from vmsgamp._cmd.trace import close_tracer, open_tracer
+
     devices = args.devices or _default_devices()
     packed = {"auto": None, "on": True, "off": False}[args.packed]
     report: dict[str, Any] = {"devices_spec": devices, "layout": args.layout}
@@ -66,9 +77,11 @@ def run(args: argparse.Namespace) -> int:
         sock = os.path.join(tmp, "ivshmem.sock")
         server = IvshmemServer(sock, 4 << 20)
         server.start_thread()
+        tracer = open_tracer(args.trace)
+        trace_args = ["--trace", device_trace_path(args.trace)] if args.trace else []
         child = subprocess.Popen(
             [sys.executable, "-m", "vmsgamp", "serve", "--region", f"ivshmem:{sock}",
-             "--devices", devices, "--layout", args.layout, "--json"],
+             "--devices", devices, "--layout", args.layout, "--json", *trace_args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         carrier = fifo = bus = drv = None
         try:
@@ -81,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             carrier = open_carrier(f"ivshmem:{sock}", timeout=10)
             fifo = MsgFifo(carrier.region, role="driver", layout=args.layout, doorbell=carrier.doorbell)
-            bus = AmpBus(fifo, DriverConnection())
+            bus = AmpBus(fifo, DriverConnection(), tracer=tracer, trace_name=f"ivshmem:{sock}")
             bus.start(10)
             drv = AmpDriver(bus, RegionAllocator(carrier.region, 16384), timeout=5)
             nums = drv.enumerate()
@@ -104,6 +117,9 @@ def run(args: argparse.Namespace) -> int:
         finally:
             if drv is not None:
                 drv.close()
+            if tracer is not None:
+                report["trace"] = {"driver": close_tracer(tracer, bus),
+                                   "device": {"file": device_trace_path(args.trace)}}
             if bus is not None:
                 bus.close()
             elif fifo is not None:
@@ -117,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
                 child.kill()
                 _, err = child.communicate()
             report["device_process"] = report.get("device_process", {}) | {"exit_code": child.returncode}
+            if args.trace and "trace" in report:
+                report["trace"]["device"] = _capture_counts(device_trace_path(args.trace))
             server.close()
     failed = [d for d in report.get("devices", []) if "error" in d.get("result", {})]
     if args.json:
@@ -124,6 +142,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(_human(report))
     return 1 if failed or report["device_process"].get("exit_code") not in (0, None) else 0
+
+
+def _capture_counts(path: str) -> dict[str, Any]:
+    from vmsgamp.trace import DIR_INBOUND, DIR_OUTBOUND, CaptureFormatError, read_capture
+
+    try:
+        _ifaces, packets = read_capture(path)
+    except (OSError, CaptureFormatError) as e:
+        return {"file": path, "error": str(e)}
+    return {"file": path, "messages": len(packets),
+            "driver_to_device": sum(p.direction == DIR_OUTBOUND for p in packets),
+            "device_to_driver": sum(p.direction == DIR_INBOUND for p in packets)}
 
 
 def _human(r: dict[str, Any]) -> str:
@@ -145,6 +175,13 @@ def _human(r: dict[str, Any]) -> str:
     lines.append(f"  messages: {b['tx_messages']} sent, {b['rx_messages']} received, "
                  f"{b['rx_malformed']} malformed, {b['timeouts']} timeouts; "
                  f"device process exit code {r['device_process'].get('exit_code')}")
+    if r.get("trace"):
+        from vmsgamp._cmd.trace import trace_line
+
+        lines.append(f"  {trace_line(r['trace']['driver'])}")
+        dev = r["trace"]["device"]
+        lines.append(f"  {trace_line(dev)}" if "messages" in dev
+                     else f"  trace {dev['file']}: {dev.get('error', 'not written')}")
     return "\n".join(lines)
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sys
 import threading
 
 from vmsgamp._cmd import _serve_vmsg_lb
 from vmsgamp._cmd._common import add_endpoint_args, emit, int_auto, open_endpoint
+from vmsgamp._cmd.trace import add_trace_arg, close_tracer, open_tracer, trace_line
 from vmsgamp._core.addrspace import AddressSpace
 from vmsgamp._core.region import Region
 from vmsgamp.bus import AmpBus, DeviceServer
@@ -35,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-packed", action="store_true", help="do not offer VIRTIO_F_RING_PACKED")
     p.add_argument("--keepalive", type=float, default=None, metavar="S",
                    help="ping the driver every S seconds; 3 misses = peer dead")
+    add_trace_arg(p)
     p.set_defaults(func=run)
 
 
@@ -83,9 +86,12 @@ def run(args: argparse.Namespace) -> int:
     carrier, fifo = open_endpoint(args, "device", **opts)
     extra: list[Region] = []
     server = None
+    bus = tracer = None
     try:
         aspace, extra = build_address_space(args, carrier.region)
-        bus = AmpBus(fifo, DeviceConnection(profile=args.profile, max_msg_size=args.max_msg_size))
+        tracer = open_tracer(args.trace)
+        bus = AmpBus(fifo, DeviceConnection(profile=args.profile, max_msg_size=args.max_msg_size),
+                     tracer=tracer, trace_name=args.region)
         server = DeviceServer(bus, aspace, devices, offer_packed=not args.no_packed,
                               handshake_timeout=0.25)
         try:
@@ -117,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.close()
+        if tracer is not None:
+            print(f"vmsgamp serve: {trace_line(close_tracer(tracer, bus))}", file=sys.stderr)
         fifo.close()
         carrier.close()
         for r in extra:

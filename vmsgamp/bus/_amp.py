@@ -43,7 +43,8 @@ class AmpBus:
     connection (DriverConnection or DeviceConnection)."""
 
     def __init__(self, fifo: MsgFifo, conn: Connection, *, send_timeout: float = 2.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, tracer: Any = None,
+                 trace_name: str | None = None):
         self.fifo = fifo
         self.conn = conn
         self.clock = clock
@@ -62,6 +63,10 @@ class AmpBus:
         self.keepalive_rtts: list[float] = []
         self._ka_sent: dict[int, float] = {}
         self._ka_out: list[bytes] = []
+        # Message tracing (vmsgamp.trace): None, or hooks taking each message's bytes.
+        self._tap: Any = None
+        if tracer is not None:
+            self.attach_tracer(tracer, trace_name)
 
     def keepalive(self, interval: float | None, misses: int = 3) -> None:
         """Ping the peer every ``interval`` seconds while polling; after
@@ -71,6 +76,17 @@ class AmpBus:
         self._ka_misses = max(1, misses)
         self._ka_missed = 0
         self._ka_next = self.clock() + (interval or 0)
+
+    # ---- tracing -------------------------------------------------------------
+    def attach_tracer(self, tracer: Any, name: str | None = None) -> None:
+        """Record every message sent and received from now on (a
+        ``vmsgamp.trace.Tracer``; ``name`` defaults to the region's URI).
+        Replaces a tracer attached before; may be called while running."""
+        self._tap = tracer.tap(name or self.fifo.region.uri or "region",
+                               profile=self.conn.profile.name, role=self.conn.ROLE)
+
+    def detach_tracer(self) -> None:
+        self._tap = None
 
     # ---- lifecycle ---------------------------------------------------------
     def start(self, timeout: float = 10.0) -> None:
@@ -105,10 +121,13 @@ class AmpBus:
             return []
         if not self.up:
             raise BusError("bus is down: the peer is gone; start() it again")
+        tap = self._tap
         try:
             for data in out:
                 if not self.fifo.try_send(data):
                     self.fifo.send(data, timeout=self.send_timeout)
+                if tap is not None:
+                    tap.tx(data)
         except TimeoutError:
             raise BusError(f"the peer has not consumed messages for {self.send_timeout} s") from None
         except PeerStateError as e:
@@ -183,6 +202,7 @@ class AmpBus:
         now = self.clock()
         recv = self.fifo.try_recv
         buf = self._rx
+        tap = self._tap
         while True:
             try:
                 n = recv(buf)
@@ -193,7 +213,10 @@ class AmpBus:
                 continue
             if not n:
                 return events
-            events.extend(self.conn.receive_bytes(bytes(buf[:n]), now))
+            data = bytes(buf[:n])
+            if tap is not None:
+                tap.rx(data)
+            events.extend(self.conn.receive_bytes(data, now))
 
     def peer_lost(self, e: PeerStateError) -> list[Event]:
         """Handle a PeerStateError raised by a direct FIFO call (e.g. arm_wait)."""

@@ -1,0 +1,114 @@
+"""Tracer: every message an AmpBus sends and receives, in a pcapng capture."""
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from vmsgamp.devices.rng import RngDevice
+from vmsgamp.protocol import PingRequest, decode, encode
+from vmsgamp.testing.amp import amp_pair
+from vmsgamp.trace import DIR_INBOUND, DIR_OUTBOUND, Tracer, interface_name, read_capture
+
+
+def _by_iface(path):
+    ifaces, packets = read_capture(path)
+    out = {}
+    for i, iface in enumerate(ifaces):
+        role = "driver" if "driver side" in iface.comment else "device"
+        out[role] = (iface, [p for p in packets if p.interface == i])
+    return out
+
+
+def _dir(packets, d):
+    return [p.data for p in packets if p.direction == d]
+
+
+def test_both_ends_of_a_bus_match_their_counters(tmp_path):
+    path = tmp_path / "bus.pcapng"
+    servers = []
+    with Tracer(path) as tr:
+        def hook(server):
+            servers.append(server)
+            server.bus.attach_tracer(tr, "memfd:pair#size=4M")
+
+        with amp_pair(lambda: [RngDevice(), RngDevice()], process=False, server_hook=hook) as drv:
+            drv.bus.attach_tracer(tr, "memfd:pair")
+            for n in drv.enumerate():
+                drv.info(n)
+            drv.ping(5)
+            drv_c = drv.bus.conn.counters
+            drv_tx, drv_rx = drv_c.tx_messages, drv_c.rx_messages
+        dev_c = servers[0].bus.conn.counters
+    ends = _by_iface(path)
+    assert set(ends) == {"driver", "device"}
+    (di, dpk), (vi, vpk) = ends["driver"], ends["device"]
+    assert di.name == vi.name == "memfd:pair"          # creation options are not part of the name
+    assert di.description == vi.description == "virtio-msg g2"
+    assert len(_dir(dpk, DIR_OUTBOUND)) == drv_tx and len(_dir(dpk, DIR_INBOUND)) == drv_rx
+    assert len(_dir(vpk, DIR_INBOUND)) == dev_c.tx_messages
+    assert len(_dir(vpk, DIR_OUTBOUND)) == dev_c.rx_messages + dev_c.rx_malformed
+    # Same messages seen from both ends, in the same order.
+    assert _dir(dpk, DIR_OUTBOUND) == _dir(vpk, DIR_OUTBOUND)
+    assert _dir(dpk, DIR_INBOUND) == _dir(vpk, DIR_INBOUND)
+    names = [decode(d).NAME for d in _dir(dpk, DIR_OUTBOUND)]
+    assert names[0] == "GET_DEVICES" and names.count("PING") == 5
+    assert all(p.time_ns > 0 for p in dpk) and [p.time_ns for p in dpk] == sorted(p.time_ns for p in dpk)
+
+
+def test_attach_and_detach_while_running(tmp_path):
+    path = tmp_path / "live.pcapng"
+    with Tracer(path) as tr:
+        with amp_pair(lambda: [RngDevice()], process=False) as drv:
+            drv.ping(2)                      # not traced
+            drv.bus.attach_tracer(tr)
+            drv.ping(3)
+            drv.bus.detach_tracer()
+            drv.ping(4)                      # not traced
+            drv.bus.attach_tracer(tr)
+            drv.ping(1)
+    ifaces, packets = read_capture(path)
+    assert len(ifaces) == 1                  # re-attaching reuses the interface
+    sent = [decode(p.data) for p in packets if p.direction == DIR_OUTBOUND]
+    assert [m.data & 0xFFFF for m in sent] == [0, 1, 2, 0]     # ping() numbers its pings from 0
+    assert all(isinstance(m, PingRequest) for m in sent)
+    assert sum(p.direction == DIR_INBOUND for p in packets) == 4
+
+
+def test_device_role_sends_inbound():
+    buf = io.BytesIO()
+    tr = Tracer(buf, background=False)
+    tap = tr.tap("shm:x", profile="g1", role="device")
+    tap.tx(b"tx-bytes")
+    tap.rx(b"rx-bytes")
+    tr.flush()
+    ifaces, packets = read_capture(buf.getvalue())
+    assert ifaces[0].profile == "g1"
+    assert [(p.data, p.direction) for p in packets] == [(b"tx-bytes", DIR_INBOUND), (b"rx-bytes", DIR_OUTBOUND)]
+    tr.close()
+
+
+def test_flushed_capture_is_readable_while_open_and_close_is_idempotent(tmp_path):
+    path = tmp_path / "open.pcapng"
+    tr = Tracer(path)
+    tap = tr.tap("shm:x", role="driver")
+    msg = encode(PingRequest(token=1, data=1))
+    for _ in range(1000):
+        tap.tx(msg)
+    assert tr.flush() == 1000
+    assert len(read_capture(path)[1]) == 1000
+    tr.close()
+    tr.close()
+    tap.tx(msg)                               # a closed tracer's taps do nothing
+    assert not tr._queue
+    assert tr.summary() == {"file": str(path), "messages": 1000, "driver_to_device": 1000,
+                            "device_to_driver": 0}
+    with pytest.raises(ValueError, match="closed"):
+        tr.tap("shm:y")
+
+
+def test_interface_name_drops_creation_options():
+    assert interface_name("shm:bus#create=1&size=1M") == "shm:bus"
+    assert interface_name("shm:bus#size=1M&offset=0x1000") == "shm:bus#offset=0x1000"
+    assert interface_name("ivshmem:/tmp/s#wait_peer=0&peer=2") == "ivshmem:/tmp/s#peer=2"
+    assert interface_name(None) == "region"
