@@ -225,6 +225,14 @@ static void vm_guard_remove(int slot)
     __atomic_store_n(&e->claimed, 0, __ATOMIC_RELEASE);
 }
 
+/* Mark a slot lost without a fault (a size check found the object shorter
+ * than the mapping); the pages past the end still fault and are repaired
+ * by the handler if something touches them. */
+static inline void vm_guard_mark_lost(int slot)
+{
+    __atomic_store_n(&vm_guard_entry_at(slot)->lost, 1, __ATOMIC_SEQ_CST);
+}
+
 /* The slot's lost flag (static storage: the pointer stays valid). */
 static inline const int *vm_guard_lost_flag(int slot)
 {

@@ -80,8 +80,8 @@ class SharedObjectLost(VmsgampError):
 
     def __init__(self, uri: str | None):
         where = uri or "a region"
-        super().__init__(f"the shared object shrank: {where} was truncated while mapped; "
-                         f"its contents are gone and this endpoint cannot use it any more")
+        super().__init__(f"the shared object shrank: {where} was truncated while mapped "
+                         f"and cannot be used any more")
         self.uri = uri
 
 

@@ -33,6 +33,7 @@ cdef class MsgFifo:
     cdef char *_scratch                 # private copy of one slot (msg_size is read from here)
     cdef int _closed                    # close() was called (read without the GIL by waiters)
     cdef int _active                    # calls in progress that may touch the mapping
+    cdef long long _size_polled_ns      # last fstat of the shared object (idle waits)
 
     cdef int fstate                     # FSTATE_* (private)
     cdef bint peer_seen_run
@@ -54,6 +55,7 @@ cdef class MsgFifo:
     cdef int _check_closed(self) except -1 nogil
     cdef int _check_lost(self) except -1 nogil
     cdef int _lost(self) except -1
+    cdef int _poll_size(self, long long now) except -1 nogil
     cdef int _check_running(self) except -1
     cdef int _break(self, str reason) except -1
     cdef void _store_status(self, uint16_t keep, uint16_t setbits, int order) noexcept nogil

@@ -163,6 +163,7 @@ HEADERS = {"g2": (8, 6), "g1": (6, 4)}
 
 DEFAULT_SPIN_NS = 20000   # spin 20 us before sleeping: a busy peer answers well within it
 cdef long long _MAX_SLICE_NS = 100000000 # re-check the peer's state at least every 100 ms while asleep
+cdef long long _SIZE_POLL_NS = 100000000 # while idle, fstat the shared object at most every 100 ms
 
 
 cdef inline long long _now_ns() noexcept nogil:
@@ -331,6 +332,7 @@ cdef class MsgFifo:
         self._closed = 0
         self._active = 0
         self._status_lock = 0
+        self._size_polled_ns = 0
 
     def __init__(self, Region region not None, *, role="device", layout="b", size_t offset=0,
                  window=None, Doorbell doorbell=None, header="g2", placement="0/4k",
@@ -426,6 +428,16 @@ cdef class MsgFifo:
         if region_lost(self.region):
             with gil:
                 self._lost()
+        return 0
+
+    cdef int _poll_size(self, long long now) except -1 nogil:
+        # Idle waits touch only the queue heads: an object shrunk below the
+        # rest of the window would go unnoticed until the next message.
+        if now - self._size_polled_ns >= _SIZE_POLL_NS:
+            self._size_polled_ns = now
+            if self.region.poll_size_c():
+                with gil:
+                    self._lost()
         return 0
 
     cdef int _lost(self) except -1:
@@ -729,6 +741,7 @@ cdef class MsgFifo:
         while True:
             self._check_closed()
             now = _now_ns()
+            self._poll_size(now)
             if deadline >= 0 and now >= deadline:
                 return 0
             left = deadline - now if deadline >= 0 else _MAX_SLICE_NS
@@ -778,6 +791,7 @@ cdef class MsgFifo:
             if deadline >= 0 and now >= deadline:
                 return 0
             if now - start > self.spin_ns:
+                self._poll_size(now)
                 _sleep_ns(backoff)
                 if backoff < 1000000:
                     backoff *= 2
@@ -956,6 +970,7 @@ cdef class MsgFifo:
     def _pause(self, long long deadline, make_error):
         # Zeros from a lost mapping look like a peer that is not there yet.
         self._check_lost()
+        self._poll_size(_now_ns())
         if self._closed:
             raise FifoClosedError("FIFO closed by another thread during start()")
         if _now_ns() >= deadline:

@@ -19,6 +19,8 @@ cdef class Region:
     cdef int _guard            # slot in the SIGBUS guard table (vmsgamp_guard.h), or -1
     cdef const int *_lost      # that slot's lost flag while mapped, else NULL
     cdef bint _was_lost        # the lost flag as it was when the mapping went away
+    cdef uint64_t _file_end    # file offset just past the mapping (for the size poll)
+    cdef bint _sized           # a regular file / shm / memfd: its size can be polled
 
     cdef int pin(self) except -1
     cdef void unpin(self) noexcept
@@ -27,6 +29,7 @@ cdef class Region:
     cdef int _raise_lost(self) except -1
     cdef void _unguard(self) noexcept
     cdef int _after_access(self) except -1
+    cdef bint poll_size_c(self) noexcept nogil
     cdef char *_word(self, size_t off, size_t width) except NULL
     cdef int _writable(self) except -1
     cdef void _maybe_unmap(self) noexcept

@@ -28,6 +28,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.errno cimport errno
 from libc.string cimport strerror
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.stat cimport struct_stat, fstat, S_ISREG
 
 import fcntl
 import os
@@ -48,6 +49,7 @@ cdef extern from "vmsgamp_guard.h" nogil:
     int vm_guard_install()
     int vm_guard_add(void *start, size_t length)
     void vm_guard_remove(int slot)
+    void vm_guard_mark_lost(int slot)
     const int *vm_guard_lost_flag(int slot)
 
 RELAXED = VM_RELAXED
@@ -132,6 +134,8 @@ cdef class Region:
         self._guard = -1
         self._lost = NULL
         self._was_lost = False
+        self._file_end = 0
+        self._sized = False
 
     def __init__(self):
         raise TypeError("use Region.from_fd(), Region.memfd() or vmsgamp.carriers.open_region()")
@@ -190,6 +194,8 @@ cdef class Region:
         r.readonly = readonly
         r._fd = fd if own_fd else -1
         r.uri = uri
+        r._file_end = <uint64_t>offset + maplen
+        r._sized = stat.S_ISREG(st.st_mode)
         return r
 
     @staticmethod
@@ -282,6 +288,25 @@ cdef class Region:
         """True once the object behind the mapping shrank under it (the
         mapping then holds zero pages; accessors raise SharedObjectLost)."""
         return self._was_lost or bool(vm_lost(self._lost))
+
+    cdef bint poll_size_c(self) noexcept nogil:
+        # One fstat: an object that is now shorter than the mapping is lost
+        # even if nothing has touched the missing pages yet (an idle waiter
+        # would otherwise never find out).  Only for fds the region owns: a
+        # borrowed fd may be closed and reused behind our back.
+        cdef struct_stat st
+        if self._guard >= 0 and self._fd >= 0 and self._sized:
+            if fstat(self._fd, &st) == 0 and S_ISREG(st.st_mode) and <uint64_t>st.st_size < self._file_end:
+                vm_guard_mark_lost(self._guard)
+        return vm_lost(self._lost) != 0
+
+    def poll_size(self):
+        """Check the object's size now (one fstat); if it shrank below the
+        mapping, mark the region lost.  Returns ``lost``.  The FIFO's wait
+        loops do this every 100 ms while idle."""
+        if self._unmapped:
+            return self.lost
+        return self._was_lost or self.poll_size_c()
 
     def check_alive(self):
         """Raise SharedObjectLost if the object shrank under the mapping.
