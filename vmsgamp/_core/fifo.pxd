@@ -48,7 +48,7 @@ cdef class MsgFifo:
     cdef readonly unsigned long long rings
     cdef readonly unsigned long long sleeps
 
-    cdef int _alloc_scratch(self, size_t n) except -1
+    cdef int _alloc_scratch(self) except -1
     cdef int _enter(self) except -1
     cdef void _leave(self) noexcept
     cdef void _release(self) noexcept

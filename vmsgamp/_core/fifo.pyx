@@ -378,21 +378,22 @@ cdef class MsgFifo:
             self.rx_block = drv if self.role == C_ROLE_DEVICE else dev
             self.tx_elems = self.tx_block + SPSC_OFF_PACKETS
             self.rx_elems = self.rx_block + SPSC_OFF_PACKETS
-            self._alloc_scratch(SPSC_PACKET_SIZE)
         region.ptr(offset, self.window)   # the whole window must be mapped
+        self._alloc_scratch()
         region.pin()
         self._pinned = True
 
     # ---- small helpers -------------------------------------------------------
 
-    cdef int _alloc_scratch(self, size_t n) except -1:
+    cdef int _alloc_scratch(self) except -1:
         # Private copy of one slot: msg_size is read from here, never from
         # shared memory, so one value decides both the check and the length.
-        cdef char *p = <char *>malloc(n if n else 1)
-        if p == NULL:
-            raise MemoryError()
-        free(self._scratch)
-        self._scratch = p
+        # Room for the largest slot a layout can describe, allocated once, so
+        # a later start() with another geometry never frees it under a user.
+        if self._scratch == NULL:
+            self._scratch = <char *>malloc(0x10000)
+            if self._scratch == NULL:
+                raise MemoryError()
         return 0
 
     cdef int _enter(self) except -1:
@@ -863,7 +864,6 @@ cdef class MsgFifo:
         drv_qh = self.region.ptr(o + lay["drv_queue_head_offset"], VMAMP_QUEUE_HEAD_SIZE)
         dev_el = self.region.ptr(o + lay["dev_queue_elements_offset"], n * sz)
         drv_el = self.region.ptr(o + lay["drv_queue_elements_offset"], n * sz)
-        self._alloc_scratch(sz)
         self.num_slots = n
         self.slot_size = sz
         if self.role == C_ROLE_DEVICE:
