@@ -262,3 +262,39 @@ def test_serve_and_ping_survive_truncate(new_size):
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+def test_many_live_mappings_and_mapping_churn_while_faults_are_repaired(shm_file):
+    """The guard table grows past its first chunk (256 entries), and regions
+    mapped and unmapped in another thread while faults are being repaired
+    neither crash nor get marked lost by someone else's fault."""
+    path, fd = shm_file
+    victims = [Region.from_fd(os.dup(fd), 65536, own_fd=True, uri=f"shm:v{i}") for i in range(300)]
+    bystander = Region.memfd(4096)
+    stop = threading.Event()
+    churned = []
+
+    def churn():
+        while not stop.is_set():
+            with Region.memfd(8192) as r:
+                r.store32(4096, 1)
+                assert r.load32(4096) == 1 and not r.lost
+            churned.append(1)
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        os.ftruncate(fd, 0)
+        for v in reversed(victims):             # the last ones live in the second chunk
+            with pytest.raises(SharedObjectLost, match=v.uri):
+                v.read(0, 64)
+    finally:
+        stop.set()
+        t.join(30)
+    assert not t.is_alive() and churned
+    assert all(v.lost for v in victims) and not bystander.lost
+    for v in victims:
+        v.close()
+    bystander.store32(0, 3)
+    assert bystander.load32(0) == 3
+    bystander.close()

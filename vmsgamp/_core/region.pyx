@@ -161,6 +161,7 @@ cdef class Region:
             raise ValueError("a region needs a non-zero size")
         if offset % os.sysconf("SC_PAGE_SIZE"):
             raise ValueError(f"mmap offset {offset:#x} is not page-aligned")
+        mt = memtype_from_name(memtype)
         st = os.fstat(fd)
         # Pages past the end of a file-like object fault (SIGBUS) on first
         # touch: refuse such a mapping now, with the sizes in the message.
@@ -190,7 +191,7 @@ cdef class Region:
         r.size = size
         r._unmapped = False
         r.bus_base = bus_base
-        r.memtype = memtype_from_name(memtype)
+        r.memtype = mt
         r.readonly = readonly
         r._fd = fd if own_fd else -1
         r.uri = uri
