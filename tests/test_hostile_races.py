@@ -202,7 +202,8 @@ def test_status_state_and_waiting_flag_do_not_clobber_each_other():
 
 # ---- close() while another thread is inside the FIFO --------------------------------
 # Run in a child interpreter: before the fix this crashed the process (the
-# waiter dereferenced the pointers close() had cleared, or the unmapped region).
+# waiter dereferenced the pointers close() had cleared, or the unmapped region)
+# or left the waiter hanging.
 
 _CLOSE_WHILE_WAITING = textwrap.dedent("""
     import sys, threading, time
@@ -214,57 +215,64 @@ _CLOSE_WHILE_WAITING = textwrap.dedent("""
     from conftest import start_pair
     from vmsgamp.testing.fifo_model import make_msg
 
-    what, layout, bell = sys.argv[1], sys.argv[2], sys.argv[3]
-    region = Region.memfd(16384)
-    if bell == "eventfd":
-        a, b = EventfdDoorbell.pair()
-    else:
-        a, b = PollingDoorbell(), PollingDoorbell()
-    dev = MsgFifo(region, role="device", layout=layout, doorbell=a, spin_us=0)
-    drv = MsgFifo(region, role="driver", layout=layout, doorbell=b)
-    if what == "start":
-        victim, call = drv, lambda: drv.start(timeout=60)       # no device side: waits
-    else:
-        if layout == "a":
-            dev.start(reset=True); drv.start()
+    def scenario(what, layout, bell):
+        region = Region.memfd(16384)
+        if bell == "eventfd":
+            a, b = EventfdDoorbell.pair()
         else:
-            start_pair(dev, drv)
-        if what == "recv":
-            victim, call = dev, lambda: dev.recv(bytearray(64))  # forever
+            a, b = PollingDoorbell(), PollingDoorbell()
+        dev = MsgFifo(region, role="device", layout=layout, doorbell=a, spin_us=0)
+        drv = MsgFifo(region, role="driver", layout=layout, doorbell=b)
+        if what == "start":
+            victim, call = drv, lambda: drv.start(timeout=60)       # no device side: waits
         else:
-            while drv.try_send(make_msg(0)):
-                pass
-            victim, call = drv, lambda: drv.send(make_msg(1))    # full: waits forever
-    err = []
-    def run():
-        try:
-            call()
-        except BaseException as e:
-            err.append(e)
-    t = threading.Thread(target=run)
-    t.start()
-    time.sleep(0.2)                      # let it settle into its wait loop
-    victim.close()
-    region.close()                       # the unmap must wait for the waiter
-    assert region.mapped or not t.is_alive()
-    t.join(10)
-    assert not t.is_alive(), "the waiter hangs"
-    assert len(err) == 1 and isinstance(err[0], FifoClosedError), err
-    for f in (dev, drv):
-        f.close()
-    assert not region.mapped, "the region was never released"
-    print("ok")
+            if layout == "a":
+                dev.start(reset=True); drv.start()
+            else:
+                start_pair(dev, drv)
+            if what == "recv":
+                victim, call = dev, lambda: dev.recv(bytearray(64))  # forever
+            else:
+                while drv.try_send(make_msg(0)):
+                    pass
+                victim, call = drv, lambda: drv.send(make_msg(1))    # full: waits forever
+        err = []
+        def run():
+            try:
+                call()
+            except BaseException as e:
+                err.append(e)
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.2)                      # let it settle into its wait loop
+        victim.close()
+        region.close()                       # the unmap must wait for the waiter
+        t.join(10)
+        assert not t.is_alive(), "the waiter hangs"
+        assert len(err) == 1 and isinstance(err[0], FifoClosedError), err
+        for x in (dev, drv, a, b):
+            x.close()
+        assert not region.mapped, "the region was never released"
+
+    for spec in sys.argv[1:]:
+        print("start", spec, flush=True)
+        scenario(*spec.split(","))
+        print("ok", spec, flush=True)
 """)
 
+_SCENARIOS = ["recv,b,eventfd", "recv,b,polling", "recv,a,eventfd", "send,b,polling",
+              "send,a,eventfd", "start,b,polling"]
 
-@pytest.mark.parametrize("what,layout,bell", [
-    ("recv", "b", "eventfd"), ("recv", "b", "polling"), ("recv", "a", "eventfd"),
-    ("send", "b", "polling"), ("send", "a", "eventfd"), ("start", "b", "polling"),
-])
-def test_close_while_another_thread_waits(what, layout, bell):
-    p = subprocess.run([sys.executable, "-c", _CLOSE_WHILE_WAITING, what, layout, bell],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", (p.returncode, p.stdout, p.stderr)
+
+def test_close_while_another_thread_waits():
+    """A waiter in recv() (eventfd or polling doorbell, both layouts), in
+    send() on a full FIFO and in start() without a peer: close() from another
+    thread wakes it with FifoClosedError, and the region is unmapped only
+    after it has left."""
+    p = subprocess.run([sys.executable, "-c", _CLOSE_WHILE_WAITING, *_SCENARIOS],
+                       capture_output=True, text=True, timeout=300)
+    done = [ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("ok ")]
+    assert p.returncode == 0 and done == _SCENARIOS, (p.returncode, p.stdout, p.stderr[-2000:])
 
 
 def test_closing_the_doorbell_under_a_waiter():
