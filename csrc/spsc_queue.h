@@ -1,6 +1,6 @@
 /*
  * spsc_queue.h - "Gen A" virtio-msg-amp FIFO (the spsc_queue of the 2025 QEMU
- * and Linux AMP code; shared/docs/virtio-msg-reference.md section 2.2).
+ * and Linux AMP code).
  * One 4 KiB block per direction; no in-memory descriptor, no handshake.
  *
  * Line sizes are fixed by the layout (64 bytes across heterogeneous
@@ -17,6 +17,10 @@
 #define SPSC_BLOCK_SIZE      4096u
 #define SPSC_OFF_HEAD        0u   /* u32, written by the producer */
 #define SPSC_OFF_TAIL        64u  /* u32, written by the consumer */
+/* By role (the table in vmamp_shmem.h): Gen A's head is the producer index
+ * and its tail the consumer index, the opposite of Gen B's field names. */
+#define SPSC_OFF_PROD        SPSC_OFF_HEAD
+#define SPSC_OFF_CONS        SPSC_OFF_TAIL
 #define SPSC_OFF_PACKETS     128u
 #define SPSC_CAPACITY        ((SPSC_BLOCK_SIZE - SPSC_OFF_PACKETS) / SPSC_PACKET_SIZE) /* 62 */
 

@@ -1,7 +1,6 @@
 /*
  * vmamp_shmem.h - "Gen B" self-describing virtio-msg-amp shared-memory layout
- * (the vmamp_shmem layout shared by the 2026 QEMU and Linux AMP code; see
- * shared/docs/virtio-msg-reference.md section 2.3).  Single definition of the
+ * (the vmamp_shmem layout shared by the 2026 QEMU and Linux AMP code).  Single definition of the
  * layout for vmsgamp; .pxd files extern these names.
  *
  * All fields are little-endian and must be accessed through vmsgamp_io.h.
@@ -40,6 +39,15 @@
 #define VMAMP_STATUS_F_WAITING    0x4000u
 #define VMAMP_STATUS_F_SUPPRESS   0x2000u
 
+/* Alignment.  Every queue-head word is read and written with 16-bit atomics
+ * and every slot is copied with word-sized accesses (device memory faults on
+ * unaligned ones), so vmsgamp's driver side refuses a layout unless
+ * size_queue_elements is a multiple of 8 and every queue head, element array
+ * and notification area starts 8-byte aligned.  Real devices already do
+ * this: the Linux and QEMU code writes 64-byte slots at 8-aligned offsets
+ * (8 KiB window: heads at 64 and 72, element arrays at 80 and 4112). */
+#define VMAMP_ALIGN               8u
+
 struct __attribute__((packed)) vmamp_shmem_layout {
     uint16_t magic;                     /* 0  */
     uint16_t length;                    /* 2  */
@@ -58,6 +66,26 @@ struct __attribute__((packed)) vmamp_shmem_layout {
     uint64_t drv_queue_elements_offset; /* 56 */
 };
 
+/*
+ * FIFO indices by role.  The two layouts give the same role opposite field
+ * names, so vmsgamp code names indices only by role, through the *_PROD /
+ * *_CONS offsets below; this is the one table that maps them:
+ *
+ *   role (per direction)          Gen B vmamp_shmem             Gen A spsc_queue
+ *   ---------------------------   ---------------------------   ---------------------------
+ *   producer index: next slot     `tail` (u16, +4) in the        `head` (u32, +0) of that
+ *     the sender will fill;       SENDER's own queue head        direction's 4 KiB block
+ *     written by the sender
+ *   consumer index: next slot     `head` (u16, +6) in the        `tail` (u32, +64) of that
+ *     the receiver will read;     RECEIVER's own queue head      direction's 4 KiB block
+ *     written by the receiver
+ *
+ * In Gen B each side's queue head holds its own producer index (for the
+ * direction it sends) and its own consumer index (for the direction it
+ * receives); in Gen A both indices of one direction sit in that direction's
+ * block.  Ring size N: Gen B num_queue_elements, Gen A 62; both keep one
+ * slot free (N - 1 messages in flight) and indices run 0..N-1.
+ */
 struct __attribute__((packed)) vmamp_shmem_queue_head {
     uint16_t magic;  /* 0: "QO" */
     uint16_t status; /* 2: state | flags */
@@ -93,6 +121,8 @@ enum {
     VMAMP_QH_OFF_STATUS = offsetof(struct vmamp_shmem_queue_head, status),
     VMAMP_QH_OFF_TAIL = offsetof(struct vmamp_shmem_queue_head, tail),
     VMAMP_QH_OFF_HEAD = offsetof(struct vmamp_shmem_queue_head, head),
+    VMAMP_QH_OFF_PROD = VMAMP_QH_OFF_TAIL,  /* my producer index (role table above) */
+    VMAMP_QH_OFF_CONS = VMAMP_QH_OFF_HEAD,  /* my consumer index */
     VMAMP_LAYOUT_SIZE = sizeof(struct vmamp_shmem_layout),
     VMAMP_QUEUE_HEAD_SIZE = sizeof(struct vmamp_shmem_queue_head)
 };

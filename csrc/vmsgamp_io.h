@@ -207,6 +207,55 @@ static inline void vm_zero_shared(volatile void *dst, size_t n, int memtype)
     while (n) { *d++ = 0; n--; }
 }
 
+/* ---- private words ------------------------------------------------------
+ * Flags and counters that only our own threads share (never peer memory, so
+ * no byte-order conversion, and read-modify-write atomics are fine).
+ */
+static inline int vm_int_load(const int *p, int order)
+{
+    switch (order) {
+    case VM_ACQUIRE: return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    case VM_SEQ_CST: return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    default:         return __atomic_load_n(p, __ATOMIC_RELAXED);
+    }
+}
+
+static inline void vm_int_store(int *p, int v, int order)
+{
+    switch (order) {
+    case VM_RELEASE: __atomic_store_n(p, v, __ATOMIC_RELEASE); break;
+    case VM_SEQ_CST: __atomic_store_n(p, v, __ATOMIC_SEQ_CST); break;
+    default:         __atomic_store_n(p, v, __ATOMIC_RELAXED); break;
+    }
+}
+
+/* Atomic add; returns the new value (seq_cst: used in Dekker-style pairs). */
+static inline int vm_int_add(int *p, int d) { return __atomic_add_fetch(p, d, __ATOMIC_SEQ_CST); }
+static inline int vm_int_xchg(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+
+/* A lost flag of the mapping guard (vmsgamp_guard.h), checked after reading
+ * shared memory: the acquire fence keeps the loads before it (the data just
+ * copied) from moving after the flag load, so data read from the zero pages
+ * that replaced a lost mapping is never taken for good data. */
+static inline int vm_lost(const int *flag)
+{
+    if (flag == NULL)
+        return 0;
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return __atomic_load_n(flag, __ATOMIC_RELAXED);
+}
+
+/* A tiny spin lock for private state two of our threads update together
+ * (held for a few instructions, never across a system call). */
+static inline void vm_spin_lock(int *lock)
+{
+    while (__atomic_exchange_n(lock, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(lock, __ATOMIC_RELAXED))
+            vm_cpu_relax();
+}
+
+static inline void vm_spin_unlock(int *lock) { __atomic_store_n(lock, 0, __ATOMIC_RELEASE); }
+
 /* CACHE: hooks for cacheable shared RAM on non-coherent SoCs.  The writer
  * flushes after writing, the reader invalidates before reading.  Linux user
  * space maps shared memory uncached or write-combined (UIO, PCI), and every

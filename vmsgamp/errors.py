@@ -64,3 +64,27 @@ class PeerShutdown(PeerStateError):
 
 class HandshakeTimeout(VmsgampError, TimeoutError):
     """The peer did not complete the FIFO handshake in time."""
+
+
+class ObjectTooSmall(VmsgampError, ValueError):
+    """A mapping was refused at map time: it would reach past the end of the
+    file, shm object or memfd behind it (touching those pages would raise
+    SIGBUS)."""
+
+
+class SharedObjectLost(VmsgampError):
+    """The object behind a mapping shrank while it was mapped (someone
+    truncated the shm object or file).  The mapping now holds private zero
+    pages; the Region and everything built on it refuse further use.
+    ``uri`` names the region."""
+
+    def __init__(self, uri: str | None):
+        where = uri or "a region"
+        super().__init__(f"the shared object shrank: {where} was truncated while mapped "
+                         f"and cannot be used any more")
+        self.uri = uri
+
+
+class FifoClosedError(VmsgampError, ValueError):
+    """The FIFO was closed (possibly by another thread while this one was
+    waiting on it)."""

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from vmsgamp._core.fifo import MsgFifo
+from vmsgamp._core.fifo import MsgFifo, Role
 from vmsgamp.bus import AmpBus
 from vmsgamp.carriers import Carrier, open_carrier
 from vmsgamp.cli import CliError
@@ -42,7 +42,7 @@ def add_endpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def open_endpoint(args: argparse.Namespace, role: str, **carrier_opts: Any) -> tuple[Carrier, MsgFifo]:
+def open_endpoint(args: argparse.Namespace, role: Role, **carrier_opts: Any) -> tuple[Carrier, MsgFifo]:
     """Open the carrier named by --region and build (not start) the FIFO."""
     try:
         carrier = open_carrier(args.region, **carrier_opts)

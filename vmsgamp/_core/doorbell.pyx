@@ -7,12 +7,18 @@ Interface: ring(), fileno(), wait(timeout), drain(), close().
   does nothing and waiting is done by polling the FIFO itself.
 * Python subclasses (UIO, PCI registers, in later carriers) override ring()
   and wait(); the FIFO then calls them with the GIL held.
+
+close() may run while another thread is inside ring() or wait() without
+the GIL: the fds are closed only when the last such call has left, so no
+call ever polls, reads or writes an fd number that was closed and reused.
 """
 from libc.errno cimport errno, EINTR, EAGAIN
 from libc.stdint cimport uint64_t
 from posix.unistd cimport read, write, close as c_close
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.exc cimport PyErr_CheckSignals
+
+from vmsgamp._core.io cimport VM_SEQ_CST, vm_int_add, vm_int_load, vm_int_store, vm_int_xchg
 
 import os
 
@@ -79,6 +85,8 @@ cdef class Doorbell:
         self._own_rx = False
         self._own_tx = False
         self.closed = False
+        self._users = 0
+        self._released = 0
         self.rings = 0
         self.wakeups = 0
 
@@ -98,6 +106,12 @@ cdef class Doorbell:
     cdef int c_drain(self) except -1 nogil:
         with gil:
             self.drain()
+        return 0
+
+    cdef int c_interrupt(self) except -1:
+        # Wake a thread waiting in wait() (close() of its FIFO).  Python
+        # doorbells are waited on in slices of at most 100 ms, which bounds
+        # the delay; nothing to do here.
         return 0
 
     def ring(self):
@@ -143,6 +157,9 @@ cdef class PollingDoorbell(Doorbell):
         return 0
 
     cdef int c_drain(self) except -1 nogil:
+        return 0
+
+    cdef int c_interrupt(self) except -1:
         return 0
 
     def ring(self):
@@ -194,27 +211,62 @@ cdef class EventfdDoorbell(Doorbell):
     def tx(self):
         return self.tx_fd
 
+    # ---- fd lifetime: close() never pulls an fd from under a call using it ----
+
+    cdef bint _use(self) noexcept nogil:
+        # Count ourselves in, then look at closed; close() sets closed, then
+        # looks at _users (both seq_cst): one of us always sees the other.
+        vm_int_add(&self._users, 1)
+        if vm_int_load(<int *>&self.closed, VM_SEQ_CST):
+            self._unuse()
+            return False
+        return True
+
+    cdef void _unuse(self) noexcept nogil:
+        if vm_int_add(&self._users, -1) == 0 and vm_int_load(<int *>&self.closed, VM_SEQ_CST):
+            self._release_fds()
+
+    cdef void _release_fds(self) noexcept nogil:
+        if vm_int_xchg(&self._released, 1):
+            return
+        if self._own_rx and self.rx_fd >= 0:
+            c_close(self.rx_fd)
+        if self._own_tx and self.tx_fd >= 0:
+            c_close(self.tx_fd)
+        self.rx_fd = -1
+        self.tx_fd = -1
+
     cdef int c_ring(self) except -1 nogil:
         cdef uint64_t one = 1
         cdef long rc
+        cdef int err = 0
+        if not self._use():
+            with gil:
+                raise ValueError("the doorbell is closed")
         if self.tx_fd < 0:
+            self._unuse()
             with gil:
                 raise ValueError("this doorbell has no peer eventfd to ring")
         while True:
             rc = write(self.tx_fd, &one, 8)
             if rc == 8:
                 self.rings += 1
-                return 0
+                break
             # EAGAIN: the counter is saturated, so the peer is already due
             # to wake up; ringing again adds nothing.
             if rc < 0 and errno == EAGAIN:
-                return 0
+                break
             if rc < 0 and errno == EINTR:
                 continue
+            err = errno
+            break
+        self._unuse()
+        if err:
             with gil:
-                raise OSError(errno, "ringing the peer's eventfd failed")
+                raise OSError(err, "ringing the peer's eventfd failed")
+        return 0
 
-    cdef int c_drain(self) except -1 nogil:
+    cdef int _drain_fd(self) noexcept nogil:
         cdef uint64_t v
         cdef long rc
         if self.rx_fd < 0:
@@ -228,13 +280,36 @@ cdef class EventfdDoorbell(Doorbell):
                 continue
             return 0
 
+    cdef int c_drain(self) except -1 nogil:
+        if self._use():
+            self._drain_fd()
+            self._unuse()
+        return 0
+
     cdef int c_wait(self, long long timeout_ns) except -1 nogil:
-        if self.rx_fd < 0:
+        cdef int r
+        if not self._use():
             with gil:
-                raise ValueError("this doorbell has no eventfd to wait on")
-        if wait_fd_readable(self.rx_fd, timeout_ns):
-            self.c_drain()
-            return 1
+                raise ValueError("the doorbell is closed")
+        try:
+            if self.rx_fd < 0:
+                with gil:
+                    raise ValueError("this doorbell has no eventfd to wait on")
+            r = wait_fd_readable(self.rx_fd, timeout_ns)
+            if r:
+                self._drain_fd()
+        finally:
+            self._unuse()
+        return r
+
+    cdef int c_interrupt(self) except -1:
+        # Make our own eventfd readable: a thread polling it in c_wait wakes
+        # (the wake-up is drained like any ring and the waiter re-checks).
+        cdef uint64_t one = 1
+        if self._use():
+            if self.rx_fd >= 0:
+                write(self.rx_fd, &one, 8)
+            self._unuse()
         return 0
 
     def ring(self):
@@ -253,27 +328,23 @@ cdef class EventfdDoorbell(Doorbell):
             self.c_drain()
 
     def fileno(self):
+        if self.closed:
+            raise ValueError("the doorbell is closed")
         if self.rx_fd < 0:
             raise ValueError("this doorbell has no eventfd to wait on")
         return self.rx_fd
 
     def close(self):
+        """Idempotent.  A call still using the fds in another thread keeps
+        them open until it returns; new calls raise ValueError."""
         if self.closed:
             return
-        self.closed = True
-        if self._own_rx and self.rx_fd >= 0:
-            c_close(self.rx_fd)
-        if self._own_tx and self.tx_fd >= 0:
-            c_close(self.tx_fd)
-        self.rx_fd = -1
-        self.tx_fd = -1
+        vm_int_store(<int *>&self.closed, 1, VM_SEQ_CST)
+        if vm_int_load(&self._users, VM_SEQ_CST) == 0:
+            self._release_fds()
 
     def __dealloc__(self):
-        if not self.closed:
-            if self._own_rx and self.rx_fd >= 0:
-                c_close(self.rx_fd)
-            if self._own_tx and self.tx_fd >= 0:
-                c_close(self.tx_fd)
+        self._release_fds()
 
     def __repr__(self):
         return f"<EventfdDoorbell rx={self.rx_fd} tx={self.tx_fd}{' closed' if self.closed else ''}>"

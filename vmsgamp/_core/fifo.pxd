@@ -28,12 +28,17 @@ cdef class MsgFifo:
     cdef uint32_t rx_idx                # my consumer index
     cdef uint32_t peer_cons_cache       # last peer consumer index seen (A2)
     cdef uint32_t peer_prod_cache       # last peer producer index seen (A1)
-    cdef uint16_t my_status             # what I last wrote to my status word
+    cdef uint16_t my_status             # what I last wrote to my status word (under _status_lock)
+    cdef int _status_lock               # spin lock: my_status and its store (vmsgamp_io.h)
+    cdef char *_scratch                 # private copy of one slot (msg_size is read from here)
+    cdef int _closed                    # close() was called (read without the GIL by waiters)
+    cdef int _active                    # calls in progress that may touch the mapping
+    cdef long long _size_polled_ns      # last fstat of the shared object (idle waits)
 
     cdef int fstate                     # FSTATE_* (private)
     cdef bint peer_seen_run
     cdef readonly object broken_reason
-    cdef int pending_bad                # a bad msg_size consumed during a burst, reported next call
+    cdef int pending_bad                # a bad msg_size consumed (from the private copy), reported next
     cdef public long long spin_ns       # spin before blocking in waits
     cdef bint _pinned
 
@@ -43,8 +48,17 @@ cdef class MsgFifo:
     cdef readonly unsigned long long rings
     cdef readonly unsigned long long sleeps
 
+    cdef int _alloc_scratch(self) except -1
+    cdef int _enter(self) except -1
+    cdef void _leave(self) noexcept
+    cdef void _release(self) noexcept
+    cdef int _check_closed(self) except -1 nogil
+    cdef int _check_lost(self) except -1 nogil
+    cdef int _lost(self) except -1
+    cdef int _poll_size(self, long long now) except -1 nogil
     cdef int _check_running(self) except -1
     cdef int _break(self, str reason) except -1
+    cdef void _store_status(self, uint16_t keep, uint16_t setbits, int order) noexcept nogil
     cdef int _peer_event(self, uint16_t st) except -1
     cdef int _refresh_prod(self) except -1 nogil
     cdef int _refresh_cons(self) except -1 nogil
@@ -54,10 +68,9 @@ cdef class MsgFifo:
     cdef size_t _recv_bulk(self, char *out, size_t k) except? 0xFFFFFFFF nogil
     cdef int _publish_rx(self) noexcept nogil
     cdef int _check_msg(self, const char *p, size_t n) except -1
-    cdef int _last_bad_size(self)
     cdef int _recv_raw(self, char *out, size_t cap) except -2 nogil
     cdef int _notify(self) except -1 nogil
     cdef int _set_waiting(self, bint on) noexcept nogil
     cdef int _wait_readable(self, long long timeout_ns) except -1 nogil
     cdef int _wait_writable(self, long long timeout_ns) except -1 nogil
-    cdef void _write_status(self, uint16_t state)
+    cdef void _write_status(self, uint16_t state) noexcept nogil

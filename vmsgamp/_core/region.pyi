@@ -1,4 +1,4 @@
-from typing import Any, Callable
+from typing import Any, Callable, Literal, TypeAlias
 
 RELAXED: int
 ACQUIRE: int
@@ -7,9 +7,13 @@ SEQ_CST: int
 MEM_NORMAL: int
 MEM_DEVICE: int
 
-Order = int | str
+SEALS: int
 
-def memtype_from_name(name: str | int) -> int: ...
+Order: TypeAlias = int | Literal["relaxed", "acquire", "release", "seq_cst"]
+MemType: TypeAlias = int | str   # 'normal' or 'device' (checked at run time: carriers pass URI text)
+
+def memtype_from_name(name: MemType) -> int: ...
+def sealed_memfd(size: int, name: str = ...) -> int: ...
 
 class Region:
     size: int
@@ -19,7 +23,7 @@ class Region:
     uri: str | None
     @staticmethod
     def from_fd(fd: int, size: int, *, offset: int = ..., map_offset: int = ..., bus_base: int = ...,
-                memtype: str | int = ..., readonly: bool = ..., own_fd: bool = ...,
+                memtype: MemType = ..., readonly: bool = ..., own_fd: bool = ...,
                 uri: str | None = ...) -> Region: ...
     @staticmethod
     def memfd(size: int, name: str = ..., *, bus_base: int = ...) -> Region: ...
@@ -29,6 +33,10 @@ class Region:
     def closed(self) -> bool: ...
     @property
     def mapped(self) -> bool: ...
+    @property
+    def lost(self) -> bool: ...
+    def check_alive(self) -> None: ...
+    def poll_size(self) -> bool: ...
     @property
     def fd(self) -> int: ...
     def fileno(self) -> int: ...

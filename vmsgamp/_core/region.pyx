@@ -7,21 +7,50 @@ zero-copy memoryviews / numpy arrays.  A Region is unmapped only when nobody
 can still reach it: close() while views are exported or while a FIFO/queue
 has pinned it marks it closing and the unmap happens when the last user
 lets go, so no access can ever touch an unmapped page.
+
+The object behind a mapping is not trusted to keep its size either:
+
+* a mapping that reaches past the end of a regular file, shm object or memfd
+  is refused at map time (ObjectTooSmall); character devices (UIO, PCI
+  resources, VFIO) have no meaningful st_size and their carriers check them;
+* memfds vmsgamp creates are sealed against shrinking and growing
+  (:func:`sealed_memfd`);
+* every mapping is registered with a process-wide SIGBUS guard
+  (csrc/vmsgamp_guard.h, which explains why the design is sound): if the
+  object shrinks later, the access that faults gets zero pages instead of a
+  signal death, the Region is marked lost, and every accessor (and every
+  FIFO or queue built on it, through ``region_check_alive``) raises
+  SharedObjectLost naming the region.
 """
+cimport cython
 from cpython.buffer cimport PyBUF_WRITABLE
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.errno cimport errno
 from libc.string cimport strerror
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
+from posix.stat cimport struct_stat, fstat, S_ISREG
 
+import fcntl
 import os
+import stat
 
 from vmsgamp._core.io cimport (
     VM_RELAXED, VM_ACQUIRE, VM_RELEASE, VM_SEQ_CST, VM_MEM_NORMAL, VM_MEM_DEVICE,
     vm_load8, vm_load16, vm_load32, vm_load64,
     vm_store8, vm_store16, vm_store32, vm_store64,
-    vm_copy_to_shared, vm_copy_from_shared, vm_zero_shared, vm_fence_seq_cst,
+    vm_copy_to_shared, vm_copy_from_shared, vm_zero_shared, vm_fence_seq_cst, vm_lost,
 )
+
+from vmsgamp.errors import ObjectTooSmall, SharedObjectLost
+
+# The guard defines process-wide state: this module is the only one that
+# includes it.  Others reach the lost flag through Region (region.pxd).
+cdef extern from "vmsgamp_guard.h" nogil:
+    int vm_guard_install()
+    int vm_guard_add(void *start, size_t length)
+    void vm_guard_remove(int slot)
+    void vm_guard_mark_lost(int slot)
+    const int *vm_guard_lost_flag(int slot)
 
 RELAXED = VM_RELAXED
 ACQUIRE = VM_ACQUIRE
@@ -47,6 +76,24 @@ cdef int _store_order(object order) except -1:
     if o not in (VM_RELAXED, VM_RELEASE, VM_SEQ_CST):
         raise ValueError(f"invalid memory order for a store: {order!r} (relaxed, release, seq_cst)")
     return o
+
+
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+def sealed_memfd(size_t size, name="vmsgamp"):
+    """A new close-on-exec memfd of ``size`` bytes, sealed against shrinking
+    and growing (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL).  Whoever we hand
+    it to (a peer process, QEMU) can map, read and write it but can never
+    truncate it under our mapping.  Returns the fd; the caller closes it."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def memtype_from_name(name):
@@ -84,6 +131,11 @@ cdef class Region:
         self._unmapped = True
         self._on_close = []
         self.uri = None
+        self._guard = -1
+        self._lost = NULL
+        self._was_lost = False
+        self._file_end = 0
+        self._sized = False
 
     def __init__(self):
         raise TypeError("use Region.from_fd(), Region.memfd() or vmsgamp.carriers.open_region()")
@@ -97,6 +149,9 @@ cdef class Region:
         ``offset`` must be page-aligned (it is the mmap offset); ``map_offset``
         is added to the mapped pointer (UIO maps that do not start on a page).
         With ``own_fd`` the Region keeps ``fd`` and closes it on close().
+
+        For a regular file, shm object or memfd, a mapping that would reach
+        past the object's end raises ObjectTooSmall.
         """
         cdef Region r = Region.__new__(Region)
         cdef int prot = PROT_READ if readonly else (PROT_READ | PROT_WRITE)
@@ -106,31 +161,51 @@ cdef class Region:
             raise ValueError("a region needs a non-zero size")
         if offset % os.sysconf("SC_PAGE_SIZE"):
             raise ValueError(f"mmap offset {offset:#x} is not page-aligned")
+        mt = memtype_from_name(memtype)
+        st = os.fstat(fd)
+        # Pages past the end of a file-like object fault (SIGBUS) on first
+        # touch: refuse such a mapping now, with the sizes in the message.
+        if stat.S_ISREG(st.st_mode) and <uint64_t>offset + maplen > <uint64_t>st.st_size:
+            raise ObjectTooSmall(
+                f"{uri or f'fd {fd}'}: cannot map [{offset:#x}, {offset + maplen:#x}): the object "
+                f"is only {st.st_size:#x} bytes, so the mapping would reach past its end")
+        if vm_guard_install() != 0:
+            e = errno
+            raise OSError(e, f"cannot install the SIGBUS guard: {strerror(e).decode()}")
         with nogil:
             p = mmap(NULL, maplen, prot, MAP_SHARED, fd, <long>offset)
         if p == MAP_FAILED:
             e = errno
             raise OSError(e, f"cannot map {maplen} bytes at offset {offset:#x} of fd {fd}: "
                              f"{strerror(e).decode()}")
+        r._guard = vm_guard_add(p, maplen)
+        if r._guard < 0:
+            e = errno
+            munmap(p, maplen)
+            raise OSError(e, f"cannot guard a new mapping ({strerror(e).decode()}): "
+                             f"too many regions are mapped")
+        r._lost = vm_guard_lost_flag(r._guard)
         r._map_base = <char *>p
         r._map_len = maplen
         r.base = <char *>p + map_offset
         r.size = size
         r._unmapped = False
         r.bus_base = bus_base
-        r.memtype = memtype_from_name(memtype)
+        r.memtype = mt
         r.readonly = readonly
         r._fd = fd if own_fd else -1
         r.uri = uri
+        r._file_end = <uint64_t>offset + maplen
+        r._sized = stat.S_ISREG(st.st_mode)
         return r
 
     @staticmethod
     def memfd(size_t size, name="vmsgamp", *, uint64_t bus_base=0):
         """A new anonymous shared-memory region (memfd) that can be passed to
-        another process by its fd (``region.fd``) or inherited over fork."""
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        another process by its fd (``region.fd``) or inherited over fork.
+        The memfd is sealed (:func:`sealed_memfd`): nobody can shrink it."""
+        fd = sealed_memfd(size, name)
         try:
-            os.ftruncate(fd, size)
             return Region.from_fd(fd, size, bus_base=bus_base, own_fd=True,
                                   uri=f"memfd:{name}")
         except BaseException:
@@ -152,11 +227,26 @@ cdef class Region:
     cdef int _check_open(self) except -1:
         if self._closing or self._unmapped:
             raise ValueError(f"region {self.uri or ''} is closed".replace("  ", " "))
+        if vm_lost(self._lost):
+            self._raise_lost()
         return 0
+
+    cdef int _raise_lost(self) except -1:
+        raise SharedObjectLost(self.uri)
+
+    cdef void _unguard(self) noexcept:
+        # Before munmap: once vm_guard_remove returns no SIGBUS handler can
+        # map over this range any more (it might be reused after munmap).
+        if self._guard >= 0:
+            vm_guard_remove(self._guard)
+            self._was_lost = self._was_lost or vm_lost(self._lost)
+            self._guard = -1
+            self._lost = NULL
 
     cdef void _maybe_unmap(self) noexcept:
         if not self._closing or self._unmapped or self._exports or self._pins:
             return
+        self._unguard()
         munmap(self._map_base, self._map_len)
         self._unmapped = True
         self.base = NULL
@@ -195,6 +285,38 @@ cdef class Region:
         return self._closing or self._unmapped
 
     @property
+    def lost(self):
+        """True once the object behind the mapping shrank under it (the
+        mapping then holds zero pages; accessors raise SharedObjectLost)."""
+        return self._was_lost or bool(vm_lost(self._lost))
+
+    cdef bint poll_size_c(self) noexcept nogil:
+        # One fstat: an object that is now shorter than the mapping is lost
+        # even if nothing has touched the missing pages yet (an idle waiter
+        # would otherwise never find out).  Only for fds the region owns: a
+        # borrowed fd may be closed and reused behind our back.
+        cdef struct_stat st
+        if self._guard >= 0 and self._fd >= 0 and self._sized:
+            if fstat(self._fd, &st) == 0 and S_ISREG(st.st_mode) and <uint64_t>st.st_size < self._file_end:
+                vm_guard_mark_lost(self._guard)
+        return vm_lost(self._lost) != 0
+
+    def poll_size(self):
+        """Check the object's size now (one fstat); if it shrank below the
+        mapping, mark the region lost.  Returns ``lost``.  The FIFO's wait
+        loops do this every 100 ms while idle."""
+        if self._unmapped:
+            return self.lost
+        return self._was_lost or self.poll_size_c()
+
+    def check_alive(self):
+        """Raise SharedObjectLost if the object shrank under the mapping.
+        One load: cheap enough for every API boundary.  (Cython code uses
+        ``region_check_alive(region)`` from region.pxd, also without the GIL.)"""
+        if vm_lost(self._lost):
+            self._raise_lost()
+
+    @property
     def mapped(self):
         """True while the memory is still mapped (close may be deferred)."""
         return not self._unmapped
@@ -217,6 +339,7 @@ cdef class Region:
 
     def __dealloc__(self):
         if not self._unmapped and self._map_base != NULL:
+            self._unguard()
             munmap(self._map_base, self._map_len)
             self._unmapped = True
         if self._fd >= 0:
@@ -224,7 +347,7 @@ cdef class Region:
             self._fd = -1
 
     def __repr__(self):
-        state = "closed" if self.closed else "open"
+        state = "closed" if self.closed else ("lost" if self.lost else "open")
         mt = "device" if self.memtype == VM_MEM_DEVICE else "normal"
         return (f"<Region {self.uri or '?'} size={self.size:#x} bus_base={self.bus_base:#x} "
                 f"memtype={mt} {state}>")
@@ -253,16 +376,31 @@ cdef class Region:
     # ---- typed access -----------------------------------------------------
 
     def load8(self, size_t off, order=VM_RELAXED):
-        return vm_load8(self._word(off, 1), _load_order(order))
+        v = vm_load8(self._word(off, 1), _load_order(order))
+        self._after_access()
+        return v
 
     def load16(self, size_t off, order=VM_RELAXED):
-        return vm_load16(self._word(off, 2), _load_order(order))
+        v = vm_load16(self._word(off, 2), _load_order(order))
+        self._after_access()
+        return v
 
     def load32(self, size_t off, order=VM_RELAXED):
-        return vm_load32(self._word(off, 4), _load_order(order))
+        v = vm_load32(self._word(off, 4), _load_order(order))
+        self._after_access()
+        return v
 
     def load64(self, size_t off, order=VM_RELAXED):
-        return vm_load64(self._word(off, 8), _load_order(order))
+        v = vm_load64(self._word(off, 8), _load_order(order))
+        self._after_access()
+        return v
+
+    cdef int _after_access(self) except -1:
+        # The access itself may have been the one that found the object
+        # shrunk: never hand back zeros from the replacement pages as data.
+        if vm_lost(self._lost):
+            self._raise_lost()
+        return 0
 
     cdef int _writable(self) except -1:
         if self.readonly:
@@ -272,18 +410,22 @@ cdef class Region:
     def store8(self, size_t off, uint8_t value, order=VM_RELAXED):
         self._writable()
         vm_store8(self._word(off, 1), value, _store_order(order))
+        self._after_access()
 
     def store16(self, size_t off, uint16_t value, order=VM_RELAXED):
         self._writable()
         vm_store16(self._word(off, 2), value, _store_order(order))
+        self._after_access()
 
     def store32(self, size_t off, uint32_t value, order=VM_RELAXED):
         self._writable()
         vm_store32(self._word(off, 4), value, _store_order(order))
+        self._after_access()
 
     def store64(self, size_t off, uint64_t value, order=VM_RELAXED):
         self._writable()
         vm_store64(self._word(off, 8), value, _store_order(order))
+        self._after_access()
 
     def fence(self):
         """Full memory barrier (seq_cst)."""
@@ -298,8 +440,10 @@ cdef class Region:
         cdef char *d = out
         with nogil:
             vm_copy_from_shared(d, p, n, self.memtype)
+        self._after_access()
         return bytes(out)
 
+    @cython.boundscheck(False)  # src[0] is read only when n = len(src) > 0
     def write(self, size_t off, data):
         """Copy bytes into the region (word-sized for device memory)."""
         self._writable()
@@ -309,12 +453,14 @@ cdef class Region:
         if n:
             with nogil:
                 vm_copy_to_shared(p, &src[0], n, self.memtype)
+            self._after_access()
 
     def zero(self, size_t off, size_t n):
         self._writable()
         cdef char *p = self.ptr(off, n)
         with nogil:
             vm_zero_shared(p, n, self.memtype)
+        self._after_access()
 
     def view(self, size_t off=0, n=None):
         """Zero-copy memoryview of [off, off+n).  Keeps the mapping alive."""

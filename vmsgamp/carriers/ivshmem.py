@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from vmsgamp._core.doorbell import EventfdDoorbell
-from vmsgamp._core.region import Region
+from vmsgamp._core.region import Region, sealed_memfd
 from vmsgamp.carriers._registry import (
     Carrier, parse_bool, parse_int, parse_timeout, region_options, register_scheme,
 )
@@ -179,8 +179,8 @@ class IvshmemServer:
         self._listener: socket.socket | None = None
         self._sel: selectors.BaseSelector | None = None
         try:
-            self._shm_fd = os.memfd_create("ivshmem", os.MFD_CLOEXEC)
-            os.ftruncate(self._shm_fd, size)
+            # Sealed against resizing, as QEMU's own ivshmem-server does: no client can shrink it.
+            self._shm_fd = sealed_memfd(size, "ivshmem")
             self._listener = _bind_listener(self.socket_path)
             self._listener_ino = os.stat(self.socket_path).st_ino
             self._wake_fd = os.eventfd(0, _EFD_FLAGS)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from vmsgamp._core.addrspace import AddressSpace, RegionAllocator
 from vmsgamp._core.doorbell import EventfdDoorbell, PollingDoorbell
-from vmsgamp._core.fifo import MsgFifo
+from vmsgamp._core.fifo import LayoutName, MsgFifo
 from vmsgamp._core.region import Region
 from vmsgamp.bus import AmpBus, AmpDriver, DeviceServer
 from vmsgamp.devices._base import VirtioDevice
@@ -26,7 +26,7 @@ FIFO_WINDOW = 8192
 DRIVER_MEMORY_START = 16384   # driver rings and buffers live above the FIFOs
 
 
-def _serve(region: Region, doorbell, factory, layout: str, offer_packed: bool,
+def _serve(region: Region, doorbell, factory, layout: LayoutName, offer_packed: bool,
            stop: threading.Event | None = None, server_hook=None) -> None:
     fifo = MsgFifo(region, role="device", layout=layout, doorbell=doorbell)
     bus = AmpBus(fifo, DeviceConnection())
@@ -42,7 +42,7 @@ def _serve(region: Region, doorbell, factory, layout: str, offer_packed: bool,
 
 @contextmanager
 def amp_pair(factory: Callable[[], Sequence[VirtioDevice] | dict[int, VirtioDevice]], *,
-             layout: str = "b", region_size: int = 4 << 20, process: bool = True,
+             layout: LayoutName = "b", region_size: int = 4 << 20, process: bool = True,
              offer_packed: bool = True, timeout: float = 5.0,
              server_hook: Callable[[DeviceServer], None] | None = None,
              doorbell: str = "eventfd") -> Iterator[AmpDriver]:
