@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_once(args: argparse.Namespace) -> dict[str, Any]:
     from vmsgamp.devices.console import ConsoleDevice, EchoBackend
-    from vmsgamp.devices.exercise import console, rng
+    from vmsgamp.bus.exercise import console, rng
     from vmsgamp.devices.rng import RngDevice
     from vmsgamp.testing.amp import amp_pair
 

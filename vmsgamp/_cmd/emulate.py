@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     from vmsgamp.bus import AmpBus, AmpDriver
     from vmsgamp.carriers import open_carrier
     from vmsgamp.carriers.ivshmem import IvshmemServer
-    from vmsgamp.devices.exercise import EXERCISES
+    from vmsgamp.bus.exercise import EXERCISES
     from vmsgamp.protocol import DriverConnection
 
     devices = args.devices or _default_devices()

@@ -19,9 +19,10 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from vmsgamp._core.addrspace import AddressSpace
-from vmsgamp._core.virtq import PackedQueue, QueueBrokenError, SplitQueue
+from vmsgamp._core.virtq import PackedQueue, SplitQueue
 from vmsgamp.bus._amp import AmpBus, BusError, PeerLost
 from vmsgamp.devices._base import VirtioDevice, offered_features
+from vmsgamp.devices._service import Serviced, needs_notification, service_queue
 from vmsgamp.errors import PeerStateError
 from vmsgamp.protocol import (
     NUM_FEATURE_BITS, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED,
@@ -202,8 +203,6 @@ class DeviceTransport:
             d.queues = [self.queues.get(i) for i in range(d.num_queues)]
 
     # ---- notifications ------------------------------------------------------------
-    MAX_ROUNDS = 16
-
     def on_avail(self, vq_index: int) -> bool:
         """EVENT_AVAIL from the driver.  Returns True when chains are still
         waiting (the server calls again on its next step)."""
@@ -216,38 +215,14 @@ class DeviceTransport:
         q = self.queues.get(vq_index)
         if q is None:
             return False
-        used = False
-        more = False
-        try:
-            # vhost-style: process with kicks suppressed, re-enable, and look
-            # again (enable_notification says if chains arrived meanwhile).
-            # Bounded so a driver that floods the queue cannot monopolise the
-            # loop; what is left is rescheduled by the server.
-            for _ in range(self.MAX_ROUNDS):
-                q.disable_notification()
-                used |= bool(self.device.handle_queue(vq_index, q))
-                more = q.enable_notification()
-                if not more:
-                    break
-        except QueueBrokenError as e:
-            self._needs_reset(f"queue {vq_index}: {e.reason}")
-            return False
-        except Exception as e:  # a model bug must not take the bus down
-            log.exception("device %d (%s): queue %d handler failed", self.dev_num, self.device.name, vq_index)
-            q.mark_broken(f"device model error: {e}")
-            self._needs_reset(f"queue {vq_index}: device model error: {e}")
-            return False
-        if used:
-            self._maybe_notify(vq_index, q)
-        return more
+        done = service_queue(self.device, vq_index, q)
+        self._after_service(vq_index, done)
+        return done.more and done.broken is None
 
-    def _maybe_notify(self, vq_index: int, q: Any) -> None:
-        try:
-            notify = q.needs_notification()
-        except QueueBrokenError as e:
-            self._needs_reset(f"queue {vq_index}: {e.reason}")
-            return
-        if notify:
+    def _after_service(self, vq_index: int, done: Serviced) -> None:
+        if done.broken is not None:
+            self._needs_reset(f"queue {vq_index}: {done.broken}")
+        elif done.notify:
             self.stats["used_notifications"] += 1
             self._send(EventUsed(dev_num=self.dev_num, vq_index=vq_index))
 
@@ -255,7 +230,7 @@ class DeviceTransport:
         """The model added used buffers on its own (input arrived, IRQ)."""
         q = self.queues.get(vq_index)
         if q is not None and self.status & S.DRIVER_OK:
-            self._maybe_notify(vq_index, q)
+            self._after_service(vq_index, needs_notification(q))
 
     def on_fd_ready(self, fd: int) -> None:
         """A host fd of the model is readable; a model error here must not
