@@ -29,6 +29,7 @@ cdef class MsgFifo:
     cdef uint32_t peer_cons_cache       # last peer consumer index seen (A2)
     cdef uint32_t peer_prod_cache       # last peer producer index seen (A1)
     cdef uint16_t my_status             # what I last wrote to my status word
+    cdef public uint16_t status_flags   # extension flags advertised from start() (VMAMP_STATUS_F_LOCKED)
 
     cdef int fstate                     # FSTATE_* (private)
     cdef bint peer_seen_run
