@@ -260,7 +260,7 @@ class AmpBus:
             self._waiting_since = now
         silent = now - max(self._heard, self._waiting_since)
         if silent >= self.liveness:
-            log.warning("peer declared dead: silent for %.1f s while requests waited", silent)
+            log.info("peer declared dead: silent for %.1f s while requests waited", silent)
             return self._end("dead", f"silent for {silent:.1f} s while requests waited")
         if silent >= self.liveness / 3 and not self._probes:
             self._probe_seq = (self._probe_seq + 1) & 0xFFFFFF

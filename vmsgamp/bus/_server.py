@@ -29,7 +29,7 @@ from vmsgamp.bus._amp import AmpBus, BusError, PeerLost
 from vmsgamp.bus._claim import DEFAULT_OBSERVE_S, DeviceSideClaim
 from vmsgamp.bus._device_side import MAX_DEVICES, DeviceTransport, absent_response, fallback_response
 from vmsgamp.devices._base import VirtioDevice
-from vmsgamp.errors import FifoBrokenError, LayoutError, PeerStateError
+from vmsgamp.errors import FifoBrokenError, LayoutError, LocalProtocolError, PeerStateError
 from vmsgamp.protocol import (
     DeviceConnection, Event, EventAvail, GetDevicesRequest, Message, NotificationReceived,
     PingReceived, RequestCancelled, RequestReceived, RequestTimedOut, ResponseReceived,
@@ -140,7 +140,13 @@ class DeviceServer:
     def _flush(self) -> None:
         while self._outbox and self.bus.up:
             msg = self._outbox.pop(0)
-            self.bus.transmit(self.conn.send(msg, self.bus.clock()))
+            try:
+                out = self.conn.send(msg, self.bus.clock())
+            except LocalProtocolError as e:   # a model's field does not fit the wire
+                self.dispatch_errors += 1
+                log.error("dropping %r: %s", msg, e)
+                continue
+            self.bus.transmit(out)
 
     def reset_all(self) -> None:
         for t in self.transports.values():

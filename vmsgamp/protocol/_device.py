@@ -77,13 +77,13 @@ class DeviceConnection(Connection):
         """Answer a GET_DEVICES window.  The count returned is the count
         asked (Linux fails otherwise: its ``{0, 32}`` always gets exactly 32)
         unless the window cannot be answered whole: see :func:`get_devices_window`.
-        ``next_offset`` defaults to offset+count as QEMU does (0 at the end of
-        the 16-bit device-number space)."""
+        ``next_offset`` defaults to offset+count as QEMU does, or 0 ("no
+        more") where no 8-device window starts below 0x10000."""
         count = get_devices_window(request.offset, request.count, self.max_msg_size,
                                    self.profile.header_size)
         if next_offset is None:
             end = request.offset + count
-            next_offset = end if end <= 0xFFFF else 0
+            next_offset = end if end + 8 <= 0x10000 else 0
         return self.respond(request, GetDevicesResponse.from_devices(
             devices, offset=request.offset, count=count, next_offset=next_offset))
 
