@@ -37,7 +37,7 @@ from vmsgamp.protocol import (
 
 log = logging.getLogger("vmsgamp.device")
 
-VERIFY_EVERY_S = 0.5       # how often a running device side checks its layout and queue head
+VERIFY_EVERY_S = 0.2       # how often a running device side checks its layout and queue head
 _LOG_FIRST = 20            # dispatch errors logged in full; later ones every _LOG_EVERY
 
 
@@ -363,9 +363,14 @@ class DeviceServer:
             self._ping_sent[self._ping_seq] = self.bus.clock()
             self.bus.transmit(self.conn.ping(self._ping_seq, self.bus.clock(), timeout=5.0))
 
-    def serve_forever(self, stop: threading.Event | None = None) -> None:
+    def serve_forever(self, stop: threading.Event | None = None, *,
+                      on_step: Callable[[], None] | None = None) -> None:
+        """Serve until ``stop`` (or :meth:`stop`) is set; ``on_step()`` runs
+        after every loop step (a heartbeat for watchdogs)."""
         stop = stop or self._stop
         while not stop.is_set():
+            if on_step is not None:
+                on_step()
             try:
                 self.step(0.1)
             except BusError as e:
