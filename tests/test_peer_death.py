@@ -191,6 +191,25 @@ def test_sigkill_over_shm_is_the_liveness_rule():
     assert after < REQUEST_TIMEOUT / 4, after       # the rule (3 s), not the request timeout
 
 
+_DRIVER_UNTIL_KILLED = """
+import sys
+from vmsgamp._core.addrspace import RegionAllocator
+from vmsgamp._core.fifo import MsgFifo
+from vmsgamp.bus import AmpBus, AmpDriver
+from vmsgamp.carriers import open_carrier
+from vmsgamp.protocol import DriverConnection
+carrier = open_carrier(sys.argv[1])
+fifo = MsgFifo(carrier.region, role="driver", offset=carrier.offset, doorbell=carrier.doorbell)
+bus = AmpBus(fifo, DriverConnection())
+bus.start(30)
+drv = AmpDriver(bus, RegionAllocator(carrier.region, 16384))
+drv.ping(2)
+print("up", flush=True)
+while True:
+    drv.ping(100)
+"""
+
+
 def test_a_killed_driver_resets_the_device_side_over_ivshmem(tmp_path):
     """The device side hears of its driver's death from the server too, and
     waits for the next driver's handshake (the dead one stays RUN forever)."""
@@ -202,11 +221,9 @@ def test_a_killed_driver_resets_the_device_side_over_ivshmem(tmp_path):
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             serve.stdout.readline()
-            code = ("import sys, time\nfrom vmsgamp.cli import main\n"
-                    f"sys.exit(main(['ping', '--region', 'ivshmem:{sock}', '-n', '100000000']))\n")
-            ping = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-            time.sleep(2.0)
+            ping = subprocess.Popen([sys.executable, "-c", _DRIVER_UNTIL_KILLED, f"ivshmem:{sock}"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            assert ping.stdout.readline().strip() == "up", ping.stderr.read()
             ping.send_signal(signal.SIGKILL)
             ping.communicate(timeout=20)
             p = subprocess.run([sys.executable, "-m", "vmsgamp", "ping", "--region", f"ivshmem:{sock}",

@@ -58,7 +58,9 @@ class BusError(VmsgampError):
 @dataclass(frozen=True)
 class PeerLost(Event):
     """The peer restarted ('restart'), shut down ('shutdown'), died ('dead')
-    or corrupted the FIFO ('broken'); ``peer_state`` says what was seen.
+    or corrupted the FIFO ('broken'), or we ended the session ourselves
+    (:meth:`AmpBus.end_session`, with its event name); ``peer_state`` says
+    what was seen.
     Own requests in flight were cancelled (RequestCancelled events precede
     this one).  Call ``AmpBus.start()`` to run the handshake again."""
 
@@ -240,7 +242,8 @@ class AmpBus:
             limits.append(max(0.0, deadline - self.clock()))
         if self._carrier is not None:
             limits.append(_WAIT_SLICE_S)
-        if self.liveness is not None and self._waiting_since is not None:
+        if self.liveness is not None and (self._waiting_since is not None
+                                          or self.conn.pending_requests()):
             limits.append(self.liveness / 6)
         for limit in limits:
             wait = limit if wait is None else min(wait, limit)
