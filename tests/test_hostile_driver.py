@@ -302,3 +302,35 @@ def test_vmsgamp_serve_survives_the_attacks():
             os.unlink(f"/dev/shm/{name}")
     assert proc.returncode == 0, err
     assert "FIFO broke" in err and "producer index 65535" in err
+
+
+def test_a_session_that_ends_while_answering_drops_the_rest_of_its_batch():
+    """Found by the soak: the answer to the first request of a batch found the
+    peer gone; the PeerLost was lost and the next request of the old session
+    was answered into the void (LocalProtocolError, a device flagged for
+    nothing).  Now the PeerLost is handled and the rest of the batch dropped."""
+    from vmsgamp.protocol import GetDeviceInfoRequest, RequestReceived
+    from conftest import start_pair
+
+    region = Region.memfd(1 << 20)
+    dev = MsgFifo(region, role="device")
+    drv = MsgFifo(region, role="driver")
+    start_pair(dev, drv)
+    server = DeviceServer(AmpBus(dev, DeviceConnection()), AddressSpace.identity(region), [RngDevice()])
+    reqs = [GetDeviceInfoRequest(dev_num=0, token=1), GetDeviceStatusRequest(dev_num=0, token=2)]
+    events = [ev for r in reqs for ev in server.conn.receive_bytes(encode(r), 0.0)]
+    assert [type(e) for e in events] == [RequestReceived, RequestReceived]
+    real = server.bus.transmit
+
+    def peer_leaves_while_we_send(out):
+        server.bus.transmit = real
+        return server.bus.end_session("restart", "INIT")   # what a PeerStateError while sending gives
+
+    server.bus.transmit = peer_leaves_while_we_send
+    server.transports[0].status = 0x0F
+    server.handle_events(events)
+    assert server.dispatch_errors == 0
+    assert [e.event for e in server.events if isinstance(e, PeerLost)] == ["restart"]
+    assert server.transports[0].status == 0          # every device reset, none flagged
+    server.close()
+    drv.close()

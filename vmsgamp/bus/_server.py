@@ -65,6 +65,7 @@ class DeviceServer:
         self.handshake_timeout = handshake_timeout
         self.transports: dict[int, DeviceTransport] = {}
         self._outbox: list[Message] = []
+        self._late: list[Event] = []                 # events raised while sending
         self._rescan: set[tuple[int, int]] = set()   # (dev_num, vq) with chains left over
         self._fds: dict[int, Callable[[], None]] = {}  # host fds watched by the loop
         self._stop = threading.Event()
@@ -110,7 +111,7 @@ class DeviceServer:
                 dev_num = next(i for i in range(MAX_DEVICES) if i not in self.transports)
             self._attach(dev_num, device)
             if self.bus.up:
-                self.bus.transmit(self.conn.device_ready(dev_num, self.bus.clock()))
+                self._transmit(self.conn.device_ready(dev_num, self.bus.clock()))
             return dev_num
 
     def remove_device(self, dev_num: int) -> VirtioDevice:
@@ -119,7 +120,7 @@ class DeviceServer:
             t = self.transports.pop(dev_num)
             t.reset()
             if self.bus.up:
-                self.bus.transmit(self.conn.device_removed(dev_num, self.bus.clock()))
+                self._transmit(self.conn.device_removed(dev_num, self.bus.clock()))
             return t.device
 
     @property
@@ -137,6 +138,11 @@ class DeviceServer:
     def _queue_event(self, msg: Message) -> None:
         self._outbox.append(msg)
 
+    def _transmit(self, out: list[bytes]) -> None:
+        # Sending can end the session (the peer left RUN, the FIFO broke):
+        # the PeerLost that says so is handled by the next handle_events().
+        self._late.extend(self.bus.transmit(out))
+
     def _flush(self) -> None:
         while self._outbox and self.bus.up:
             msg = self._outbox.pop(0)
@@ -146,7 +152,7 @@ class DeviceServer:
                 self.dispatch_errors += 1
                 log.error("dropping %r: %s", msg, e)
                 continue
-            self.bus.transmit(out)
+            self._transmit(out)
 
     def reset_all(self) -> None:
         for t in self.transports.values():
@@ -165,14 +171,20 @@ class DeviceServer:
 
     # ---- dispatch -----------------------------------------------------------------
     def handle_events(self, events: list[Event]) -> None:
-        for ev in events:
-            try:
-                self._handle_event(ev)
-            except BusError:
-                raise
-            except Exception as e:  # last resort: one bad message never ends the loop
-                self._dispatch_failed(ev, e)
-        self._flush()
+        pending = self._late + list(events)
+        self._late = []
+        while pending:
+            for ev in pending:
+                if not self.bus.up and not isinstance(ev, PeerLost):
+                    continue    # the session ended under us: the rest was the old session's
+                try:
+                    self._handle_event(ev)
+                except BusError:
+                    raise
+                except Exception as e:  # last resort: one bad message never ends the loop
+                    self._dispatch_failed(ev, e)
+            self._flush()
+            pending, self._late = self._late, []
 
     def _handle_event(self, ev: Event) -> None:
         if isinstance(ev, RequestReceived):
@@ -215,7 +227,7 @@ class DeviceServer:
                 if resp is None:
                     self.conn.ignore(msg)
                 else:
-                    self.bus.transmit(self.conn.respond(msg, resp))
+                    self._transmit(self.conn.respond(msg, resp))
             except BusError:
                 raise
             except Exception:
@@ -232,7 +244,7 @@ class DeviceServer:
     def _on_request(self, req: Message) -> None:
         if isinstance(req, GetDevicesRequest):
             present = [n for n in self.transports if req.offset <= n < req.offset + req.count]
-            self.bus.transmit(self.conn.answer_get_devices(req, present))
+            self._transmit(self.conn.answer_get_devices(req, present))
             return
         t = self.transports.get(req.dev_num)
         if t is None:
@@ -242,12 +254,14 @@ class DeviceServer:
         if resp is None:
             self.conn.ignore(req)
         else:
-            self.bus.transmit(self.conn.respond(req, resp))
+            self._transmit(self.conn.respond(req, resp))
 
     # ---- serving ----------------------------------------------------------------
     def step(self, timeout: float | None = 0.05) -> None:
         """Serve one wake-up: bus traffic, device fds, timeouts."""
         with self._lock:
+            if self._late:
+                self.handle_events([])
             if not self.bus.up and not self._start_session():
                 return
             self._verify_window()
@@ -361,7 +375,7 @@ class DeviceServer:
         with self._lock:
             self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
             self._ping_sent[self._ping_seq] = self.bus.clock()
-            self.bus.transmit(self.conn.ping(self._ping_seq, self.bus.clock(), timeout=5.0))
+            self._transmit(self.conn.ping(self._ping_seq, self.bus.clock(), timeout=5.0))
 
     def serve_forever(self, stop: threading.Event | None = None, *,
                       on_step: Callable[[], None] | None = None) -> None:
