@@ -38,6 +38,11 @@
  *              F_SUPPRESS (Linux, QEMU) is rung after every send. */
 #define VMAMP_STATUS_F_WAITING    0x4000u
 #define VMAMP_STATUS_F_SUPPRESS   0x2000u
+/*  F_LOCKED:   the owner holds the host lock of this FIFO window for as long
+ *              as it runs (a lock the kernel drops when the process dies), so
+ *              a head showing F_LOCKED whose lock is free belongs to a dead
+ *              process.  Set by vmsgamp device sides on lockable regions. */
+#define VMAMP_STATUS_F_LOCKED     0x1000u
 
 /* Alignment.  Every queue-head word is read and written with 16-bit atomics
  * and every slot is copied with word-sized accesses (device memory faults on

@@ -1,7 +1,7 @@
 """The driver-side exercises behind `emulate` and `bench devices`."""
 import itertools
 
-from vmsgamp.devices import exercise
+from vmsgamp.bus import exercise
 from vmsgamp.devices.rng import RngDevice
 from vmsgamp.testing.amp import amp_pair
 

@@ -111,7 +111,7 @@ try:
     from vmsgamp._core.fifo import MsgFifo
     from vmsgamp.bus import AmpBus, AmpDriver
     from vmsgamp.carriers import open_carrier
-    from vmsgamp.devices.exercise import EXERCISES
+    from vmsgamp.bus.exercise import EXERCISES
     from vmsgamp.protocol import DriverConnection
     t0 = time.monotonic()
     carrier = open_carrier(sys.argv[1])

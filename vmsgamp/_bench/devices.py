@@ -175,7 +175,7 @@ def fifo_busy_rtt(layout: str, iters: int) -> Result:
 def run_once(args: argparse.Namespace, image: str) -> Result:
     from vmsgamp.devices.blk import BlkDevice
     from vmsgamp.devices.console import ConsoleDevice, EchoBackend
-    from vmsgamp.devices.exercise import console, rng
+    from vmsgamp.bus.exercise import console, rng
     from vmsgamp.devices.rng import RngDevice
     from vmsgamp.testing.amp import amp_pair
 

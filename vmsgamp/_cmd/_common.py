@@ -65,6 +65,7 @@ def start_driver_bus(args: argparse.Namespace, carrier: Carrier, fifo: MsgFifo) 
     from vmsgamp.protocol import DriverConnection
 
     bus = AmpBus(fifo, DriverConnection(profile=args.profile, max_msg_size=args.max_msg_size))
+    bus.watch_carrier(carrier)      # ivshmem: a device side that dies is noticed at once
     try:
         bus.start(args.timeout)
     except HandshakeTimeout as e:

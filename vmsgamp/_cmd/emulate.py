@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from vmsgamp.bus import AmpBus, AmpDriver
     from vmsgamp.carriers import open_carrier
     from vmsgamp.carriers.ivshmem import IvshmemServer
-    from vmsgamp.devices.exercise import EXERCISES
+    from vmsgamp.bus.exercise import EXERCISES
     from vmsgamp.protocol import DriverConnection
 
     from vmsgamp._cmd.trace import close_tracer, open_tracer

@@ -38,6 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keepalive", type=float, default=None, metavar="S",
                    help="ping the driver every S seconds; 3 misses = peer dead")
     add_trace_arg(p)
+    p.add_argument("--takeover", action="store_true",
+                   help="serve the window even though another device side seems to be on it "
+                        "(one that shows no sign of life but cannot be proven dead, e.g. "
+                        "crashed firmware); never overrides a live process's lock")
     p.set_defaults(func=run)
 
 
@@ -93,11 +97,10 @@ def run(args: argparse.Namespace) -> int:
         bus = AmpBus(fifo, DeviceConnection(profile=args.profile, max_msg_size=args.max_msg_size),
                      tracer=tracer, trace_name=args.region)
         server = DeviceServer(bus, aspace, devices, offer_packed=not args.no_packed,
-                              handshake_timeout=0.25)
-        try:
-            server.add_fd(carrier.fileno(), carrier.poll_events)
-        except ValueError:
-            pass  # carrier without an event source (shm:, file:)
+                              handshake_timeout=0.25, takeover=args.takeover)
+        # ivshmem: the server's notices keep the doorbell on the current driver
+        # and end the session at once when that driver's process dies.
+        bus.watch_carrier(carrier)
         info = {
             "region": args.region, "layout": args.layout, "profile": args.profile,
             "offset": fifo.offset, "window": fifo.window,

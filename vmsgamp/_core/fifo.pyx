@@ -92,6 +92,7 @@ cdef extern from "vmamp_shmem.h":
         VMAMP_STATE_PEER_DEAD
         VMAMP_STATUS_F_WAITING
         VMAMP_STATUS_F_SUPPRESS
+        VMAMP_STATUS_F_LOCKED
         VMAMP_FEAT_MASKED_NOTIF
         VMAMP_OFF_MAGIC
         VMAMP_OFF_LENGTH
@@ -325,6 +326,7 @@ cdef class MsgFifo:
 
     def __cinit__(self):
         self.fstate = FSTATE_NEW
+        self.status_flags = 0
         self._pinned = False
         self.pending_bad = -1
         self.broken_reason = None
@@ -805,12 +807,14 @@ cdef class MsgFifo:
 
     # ---- lifecycle -------------------------------------------------------------
 
-    def start(self, timeout=10.0, *, bint reset=False):
+    def start(self, timeout=10.0, *, bint reset=False, bint fresh=False):
         """Bring the FIFO up.
 
         Gen B: the device writes the layout (magic last), both sides run the
         INIT -> READY -> RUN handshake; the driver validates every layout field
         first.  Raises HandshakeTimeout if the peer does not arrive in time.
+        ``fresh`` waits for a peer that starts its handshake anew (INIT or
+        READY): one still in RUN is the session that broke or died.
         Gen A: no handshake; the indices in memory are picked up (``reset``
         zeroes both blocks first: only when the peer is known to be idle).
         """
@@ -825,7 +829,7 @@ cdef class MsgFifo:
             if self.layout == C_LAYOUT_A:
                 self._start_a(reset)
             else:
-                self._start_b(deadline, timeout)
+                self._start_b(deadline, timeout, fresh)
             self._check_lost()
             self.fstate = FSTATE_RUNNING
         finally:
@@ -886,7 +890,7 @@ cdef class MsgFifo:
             return None
         return first
 
-    def _start_b(self, long long deadline, timeout):
+    def _start_b(self, long long deadline, timeout, bint fresh=False):
         cdef char *base = self.region.ptr(self.offset, self.window)
         cdef uint16_t st
         if self.role == C_ROLE_DEVICE:
@@ -935,14 +939,16 @@ cdef class MsgFifo:
             self._attach_b(lay)
             vm_zero_shared(self.tx_elems, <size_t>self.num_slots * self.slot_size, self.memtype)
         # 1. own status INIT, then own magic (R3).
-        self._store_status(0, VMAMP_STATUS_F_SUPPRESS | VMAMP_STATE_INIT, VM_RELEASE)
+        self._store_status(0, VMAMP_STATUS_F_SUPPRESS | (self.status_flags & VMAMP_STATUS_F_LOCKED)
+                           | VMAMP_STATE_INIT, VM_RELEASE)
         vm_store16(self.my_qh + VMAMP_QH_OFF_MAGIC, VMAMP_QUEUE_MAGIC, VM_RELEASE)
         # 2. wait for the peer's magic and a live state.  A peer still showing
         # SHUTDOWN/PEER_DEAD is an old session: wait for it to come back.
         while True:
             pm = vm_load16(self.peer_qh + VMAMP_QH_OFF_MAGIC, VM_ACQUIRE)
             st = vm_load16(self.peer_qh + VMAMP_QH_OFF_STATUS, VM_ACQUIRE)  # A3
-            if pm == VMAMP_QUEUE_MAGIC and (st & VMAMP_STATE_MASK) <= VMAMP_STATE_RUN:
+            if pm == VMAMP_QUEUE_MAGIC and (st & VMAMP_STATE_MASK) <= (
+                    VMAMP_STATE_READY if fresh else VMAMP_STATE_RUN):
                 break
             self._pause(deadline, lambda: HandshakeTimeout(
                 f"peer never came up ({'no queue magic' if pm != VMAMP_QUEUE_MAGIC else 'its queue head is ' + state_name(st)}) "
@@ -980,6 +986,19 @@ cdef class MsgFifo:
         with nogil:
             _sleep_ns(1000000)
         PyErr_CheckSignals()
+
+    def rearm(self):
+        """End the session from our side so that ``start()`` can run a new
+        handshake, also after FifoBrokenError (a peer index out of range):
+        Gen B own state INIT, so the peer sees us leave RUN; FIFO stopped.
+        Pair with ``start(fresh=True)`` to wait for the peer to restart too."""
+        if not self._pinned:
+            return
+        if (self.layout == C_LAYOUT_B and self.my_qh != NULL and self.region.mapped
+                and not region_lost(self.region)):
+            self._write_status(VMAMP_STATE_INIT)
+        self.fstate = FSTATE_STOPPED
+        self.pending_bad = -1
 
     def shutdown(self):
         """Tell the peer we are going away (Gen B: own state SHUTDOWN)."""

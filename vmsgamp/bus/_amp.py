@@ -6,10 +6,30 @@ sends what the connection produced, rings the doorbell only when the FIFO
 says the peer may be asleep, drives request timeouts, and turns a peer that
 left RUN into a ``PeerLost`` event (after resetting the connection, so no
 message of the old session reaches the new one).
+
+A session also ends, with the same ``PeerLost``, when
+
+* the FIFO breaks (the peer wrote an impossible index: event 'broken');
+* the carrier says the peer went away (:meth:`AmpBus.watch_carrier`; the
+  ivshmem server's disconnect notice: event 'dead', within
+  ``CARRIER_CHECK_S`` + one wait slice);
+* the liveness rule finds the peer dead (event 'dead'): while own requests
+  wait, a peer that sends nothing at all for ``liveness`` seconds (default
+  ``DEFAULT_LIVENESS_S`` = 3 s) is dead.  After a third of that silence the
+  bus sends one probe PING of its own (answered at once by any live peer:
+  Linux and vmsgamp do), so a request the peer legitimately leaves
+  unanswered (QEMU ignores GET_SHM) does not count as death.  An idle bus
+  sends nothing; :meth:`AmpBus.keepalive` pings on a timer instead.
+
+After 'broken' or 'dead' our own queue head drops to INIT and the next
+:meth:`AmpBus.start` waits for the peer to run its handshake anew (INIT or
+READY), exactly as after a peer restart: a peer still showing RUN belongs to
+the session that ended.
 """
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,10 +38,17 @@ from typing import Any
 from vmsgamp._core.fifo import MsgFifo
 from vmsgamp.errors import BadMessageSize, FifoBrokenError, PeerStateError, VmsgampError
 from vmsgamp.protocol import (
-    Connection, Event, Message, PingRequest, RequestTimedOut, ResponseReceived,
+    BusMsgId, Connection, Event, Message, PingRequest, RequestTimedOut, ResponseReceived, encode,
 )
 
 log = logging.getLogger("vmsgamp.bus")
+
+DEFAULT_LIVENESS_S = 3.0    # silence while own requests wait that means "dead"
+CARRIER_CHECK_S = 0.1       # how often poll() reads the carrier's peer notices
+_WAIT_SLICE_S = 0.25        # longest FIFO wait while watching a carrier
+_PROBE_DATA = 0x7E000000    # liveness probe PINGs: data = _PROBE_DATA | seq (24 bits)
+_PROBE_TOKEN = 0x7E7E       # their token (any non-zero value; answers echo it)
+_PING = struct.Struct("<I")
 
 
 class BusError(VmsgampError):
@@ -30,7 +57,10 @@ class BusError(VmsgampError):
 
 @dataclass(frozen=True)
 class PeerLost(Event):
-    """The peer restarted ('restart'), shut down ('shutdown') or died ('dead').
+    """The peer restarted ('restart'), shut down ('shutdown'), died ('dead')
+    or corrupted the FIFO ('broken'), or we ended the session ourselves
+    (:meth:`AmpBus.end_session`, with its event name); ``peer_state`` says
+    what was seen.
     Own requests in flight were cancelled (RequestCancelled events precede
     this one).  Call ``AmpBus.start()`` to run the handshake again."""
 
@@ -44,7 +74,8 @@ class AmpBus:
 
     def __init__(self, fifo: MsgFifo, conn: Connection, *, send_timeout: float = 2.0,
                  clock: Callable[[], float] = time.monotonic, tracer: Any = None,
-                 trace_name: str | None = None):
+                 trace_name: str | None = None,
+                 liveness: float | None = DEFAULT_LIVENESS_S):
         self.fifo = fifo
         self.conn = conn
         self.clock = clock
@@ -67,6 +98,18 @@ class AmpBus:
         self._tap: Any = None
         if tracer is not None:
             self.attach_tracer(tracer, trace_name)
+        # liveness: see the module docstring
+        self.liveness: float | None = liveness
+        self._heard = clock()                 # last message from the peer
+        self._waiting_since: float | None = None
+        self._probes: dict[int, float] = {}   # probe data -> time sent
+        self._probe_seq = 0
+        self.probes_sent = 0
+        # session ends we caused or saw
+        self.fifo_breaks = 0
+        self._fresh = False                   # next start() waits for a new peer handshake
+        self._carrier: Any = None
+        self._carrier_next = 0.0
 
     def keepalive(self, interval: float | None, misses: int = 3) -> None:
         """Ping the peer every ``interval`` seconds while polling; after
@@ -88,12 +131,50 @@ class AmpBus:
     def detach_tracer(self) -> None:
         self._tap = None
 
+    def watch_carrier(self, carrier: Any) -> None:
+        """Take peer notices from ``carrier`` (its ``fileno()`` becomes
+        readable, ``poll_events()`` returns ``('disconnected', peer_id)``):
+        the ivshmem server announces a peer whose connection closed, which
+        is how a SIGKILLed peer shows.  Carriers without notices are ignored."""
+        try:
+            carrier.fileno()
+        except (ValueError, AttributeError):
+            return
+        self._carrier = carrier
+
+    def carrier_fileno(self) -> int | None:
+        """The watched carrier's notice fd (for loops that select on it)."""
+        return None if self._carrier is None else self._carrier.fileno()
+
+    def check_carrier(self) -> list[Event]:
+        """Read the carrier's notices now; a disconnect of our peer ends the
+        session (PeerLost 'dead')."""
+        carrier = self._carrier
+        if carrier is None:
+            return []
+        self._carrier_next = self.clock() + CARRIER_CHECK_S
+        peer = carrier.peer_id
+        try:
+            notices = carrier.poll_events()
+        except Exception as e:  # a confused carrier must not end the loop
+            log.warning("reading the carrier's notices failed: %s", e)
+            return []
+        if self.up and peer is not None and ("disconnected", peer) in notices:
+            log.info("the carrier says peer %s went away", peer)
+            return self._end("dead", f"peer {peer} disconnected from the carrier")
+        return []
+
     # ---- lifecycle ---------------------------------------------------------
     def start(self, timeout: float = 10.0) -> None:
-        """Run the FIFO handshake (again after a PeerLost)."""
-        self.fifo.start(timeout)
+        """Run the FIFO handshake (again after a PeerLost; after 'broken' or
+        'dead', the peer must start its handshake anew)."""
+        self.fifo.start(timeout, fresh=self._fresh)
+        self._fresh = False
         self.up = True
         self.sessions += 1
+        self._heard = self.clock()
+        self._waiting_since = None
+        self._probes.clear()
 
     def close(self) -> None:
         self.fifo.close()
@@ -132,6 +213,8 @@ class AmpBus:
             raise BusError(f"the peer has not consumed messages for {self.send_timeout} s") from None
         except PeerStateError as e:
             return self._lost(e)
+        except FifoBrokenError as e:
+            return self._broken(e)
         return []
 
     def poll(self, timeout: float | None = 0.0) -> list[Event]:
@@ -142,16 +225,18 @@ class AmpBus:
         events: list[Event] = []
         try:
             if self.fifo.pending() == 0 and timeout != 0:
-                wait = timeout
-                deadline = self.conn.next_deadline()
-                if deadline is not None:
-                    left = max(0.0, deadline - self.clock())
-                    wait = left if wait is None else min(wait, left)
-                self.fifo.wait_readable(wait)
+                self.fifo.wait_readable(self._wait_limit(timeout))
             events.extend(self._drain())
         except PeerStateError as e:
             events.extend(self._lost(e))
             return events
+        except FifoBrokenError as e:
+            events.extend(self._broken(e))
+            return events
+        if self._carrier is not None and self.clock() >= self._carrier_next:
+            events.extend(self.check_carrier())
+            if not self.up:
+                return events
         events.extend(self.conn.handle_timeout(self.clock()))
         out: list[bytes] = []
         if self._ka_interval is not None:
@@ -159,8 +244,63 @@ class AmpBus:
             if not self.up:
                 return events
             out, self._ka_out = self._ka_out, []
+        if self.liveness is not None:
+            events.extend(self._liveness(out))
+            if not self.up:
+                return events
         events.extend(self.transmit(out + self.conn.data_to_send()))
         return events
+
+    def _wait_limit(self, timeout: float | None) -> float | None:
+        """How long poll() may sleep: the caller's timeout, cut at the next
+        request deadline and at the next carrier or liveness check."""
+        wait = timeout
+        limits = []
+        deadline = self.conn.next_deadline()
+        if deadline is not None:
+            limits.append(max(0.0, deadline - self.clock()))
+        if self._carrier is not None:
+            limits.append(_WAIT_SLICE_S)
+        if self.liveness is not None and (self._waiting_since is not None
+                                          or self.conn.pending_requests()):
+            limits.append(self.liveness / 6)
+        for limit in limits:
+            wait = limit if wait is None else min(wait, limit)
+        return wait
+
+    def _liveness(self, out: list[bytes]) -> list[Event]:
+        """Apply the liveness rule (module docstring); may queue a probe."""
+        now = self.clock()
+        assert self.liveness is not None
+        for data, sent in list(self._probes.items()):
+            if now - sent > self.liveness:
+                del self._probes[data]
+        if not self.conn.pending_requests():
+            self._waiting_since = None
+            return []
+        if self._waiting_since is None:
+            self._waiting_since = now
+        silent = now - max(self._heard, self._waiting_since)
+        if silent >= self.liveness:
+            log.info("peer declared dead: silent for %.1f s while requests waited", silent)
+            return self._end("dead", f"silent for {silent:.1f} s while requests waited")
+        if silent >= self.liveness / 3 and not self._probes:
+            self._probe_seq = (self._probe_seq + 1) & 0xFFFFFF
+            data = _PROBE_DATA | self._probe_seq
+            self._probes[data] = now
+            self.probes_sent += 1
+            # Outside the connection: the bus channel may be busy with the very
+            # request the peer is silent about.
+            out.append(encode(PingRequest(data=data, token=_PROBE_TOKEN), profile=self.conn.profile,
+                              max_size=self.conn.max_msg_size, pad_to=self.conn.pad_to))
+        return []
+
+    def _is_probe_answer(self, msg: bytes) -> bool:
+        hdr = self.conn.profile.header_size
+        if len(msg) < hdr + 4 or msg[0] & 3 != 3 or msg[1] != BusMsgId.PING:
+            return False
+        (data,) = _PING.unpack_from(msg, hdr)
+        return self._probes.pop(data, None) is not None
 
     def _keepalive(self, events: list[Event]) -> list[Event]:
         """Consume our own keepalive pings' outcomes; send the next ping."""
@@ -179,12 +319,7 @@ class AmpBus:
                     self._ka_missed += 1
                     if self._ka_missed >= self._ka_misses:
                         log.warning("peer missed %d keepalive pings: declared dead", self._ka_missed)
-                        self.up = False
-                        kept.extend(self.conn.reset())
-                        lost = PeerLost("dead", f"no answer to {self._ka_missed} pings")
-                        self.peer_events.append(lost)
-                        kept.append(lost)
-                        self._ka_missed = 0
+                        kept.extend(self._end("dead", f"no answer to {self._ka_missed} pings"))
                         return kept
                 continue
             kept.append(ev)
@@ -208,26 +343,64 @@ class AmpBus:
                 n = recv(buf)
             except BadMessageSize as e:
                 # Counted by the FIFO; the protocol never saw it.
+                self._heard = now
                 self.conn.counters.rx_malformed += 1
                 self.conn.counters.last_error = str(e)
                 continue
             if not n:
                 return events
+            self._heard = now
             data = bytes(buf[:n])
             if tap is not None:
                 tap.rx(data)
+            if self._probes and self._is_probe_answer(data):
+                continue
             events.extend(self.conn.receive_bytes(data, now))
 
-    def peer_lost(self, e: PeerStateError) -> list[Event]:
-        """Handle a PeerStateError raised by a direct FIFO call (e.g. arm_wait)."""
+    def peer_lost(self, e: PeerStateError | FifoBrokenError) -> list[Event]:
+        """Handle an error raised by a direct FIFO call (e.g. arm_wait)."""
+        if isinstance(e, FifoBrokenError):
+            return self._broken(e)
         return self._lost(e)
 
     def _lost(self, e: PeerStateError) -> list[Event]:
         log.info("peer %s (%s): session %d ends", e.event, e.peer_state, self.sessions)
+        return self._end(e.event, e.peer_state)
+
+    def _broken(self, e: FifoBrokenError) -> list[Event]:
+        self.fifo_breaks += 1
+        log.warning("the FIFO broke (%s): session %d ends; waiting for the peer to start a "
+                    "new handshake", e.reason, self.sessions)
+        return self._end("broken", e.reason)
+
+    def require_new_handshake(self) -> None:
+        """Make the next start() wait for the peer to start its handshake
+        anew (a peer still in RUN belongs to a session that ended)."""
+        self._fresh = True
+
+    def end_session(self, event: str, detail: str) -> list[Event]:
+        """End the session from our side (``event`` names why, as in
+        PeerLost): requests cancelled, connection reset, our queue head back
+        to INIT, and the next start() waits for a new handshake."""
+        if not self.up:
+            return []
+        log.info("session %d ends: %s (%s)", self.sessions, event, detail)
+        return self._end(event, detail)
+
+    def _end(self, event: str, detail: str) -> list[Event]:
+        """End the session: requests cancelled, connection reset, and (unless
+        the FIFO already stopped on the peer's state change) our queue head
+        back to INIT with a new handshake required from the peer."""
         self.up = False
         self._ka_inflight.clear()
+        self._ka_missed = 0
+        self._waiting_since = None
+        self._probes.clear()
+        if self.fifo.state != "stopped":
+            self.fifo.rearm()
+            self._fresh = True
         events: list[Event] = list(self.conn.reset())
-        lost = PeerLost(e.event, e.peer_state)
+        lost = PeerLost(event, detail)
         self.peer_events.append(lost)
         events.append(lost)
         return events
@@ -246,6 +419,8 @@ class AmpBus:
             "tx_messages": c.tx_messages,
             "timeouts": c.timeouts,
             "last_error": c.last_error,
+            "fifo_breaks": self.fifo_breaks,
+            "probes_sent": self.probes_sent,
         }
 
 

@@ -1,38 +1,34 @@
-"""Device side of virtio-msg over an AMP bus: answers a driver's transport
-requests for each device model and serves the bus (enumeration, hot-plug,
-ping, peer restart).
+"""Device side of virtio-msg: the transport state of one device number
+(DeviceTransport), pure request -> response logic that any carrier of
+virtio-msg messages can drive (the AMP bus's DeviceServer does).
 
 Behaviour follows what the Linux virtio-msg driver needs (reference sections
 1.10, 3.2 and 7): num_feature_bits 64, VERSION_1 always offered,
-NOTIFICATION_DATA never, RESET_VQUEUE always answered, GET_DEVICES answered
-with exactly the count asked, queue size taken from SET_VQUEUE, and the
-driver's queue head leaving RUN treated as a reset of every device.
+NOTIFICATION_DATA never, RESET_VQUEUE always answered, queue size taken from
+SET_VQUEUE.  Request fields are untrusted: counts and offsets are clamped to
+what the device has and what one message can carry, never trusted to fit an
+encoder.
 """
 from __future__ import annotations
 
 import logging
-import select
-import selectors
-import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from vmsgamp._core.addrspace import AddressSpace
-from vmsgamp._core.virtq import PackedQueue, QueueBrokenError, SplitQueue
-from vmsgamp.bus._amp import AmpBus, BusError, PeerLost
+from vmsgamp._core.virtq import PackedQueue, SplitQueue
 from vmsgamp.devices._base import VirtioDevice, offered_features
-from vmsgamp.errors import PeerStateError
+from vmsgamp.devices._service import Serviced, needs_notification, service_queue
 from vmsgamp.protocol import (
     NUM_FEATURE_BITS, VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED,
-    DeviceConnection, DeviceStatus, Event, EventAvail, EventConfig, EventUsed,
+    DeviceStatus, EventConfig, EventUsed,
     GetConfigRequest, GetConfigResponse, GetDeviceFeaturesRequest, GetDeviceFeaturesResponse,
-    GetDeviceInfoRequest, GetDeviceInfoResponse, GetDevicesRequest, GetDeviceStatusRequest,
-    GetDeviceStatusResponse, GetShmRequest, GetShmResponse, GetVqueueRequest, GetVqueueResponse,
-    Message, NotificationReceived, PingReceived, RequestCancelled, RequestReceived,
-    RequestTimedOut, ResetVqueueRequest, ResetVqueueResponse, ResponseReceived, SetConfigRequest,
-    SetConfigResponse, SetDeviceStatusRequest, SetDeviceStatusResponse, SetDriverFeaturesRequest,
-    SetDriverFeaturesResponse, SetVqueueRequest, SetVqueueResponse, device_status_after_write,
+    GetDeviceInfoRequest, GetDeviceInfoResponse, GetDevicesRequest, GetDevicesResponse,
+    GetDeviceStatusRequest, GetDeviceStatusResponse, GetShmRequest, GetShmResponse,
+    GetVqueueRequest, GetVqueueResponse, Message, ResetVqueueRequest, ResetVqueueResponse,
+    SetConfigRequest, SetConfigResponse, SetDeviceStatusRequest, SetDeviceStatusResponse,
+    SetDriverFeaturesRequest, SetDriverFeaturesResponse, SetVqueueRequest, SetVqueueResponse,
+    device_status_after_write,
 )
 
 log = logging.getLogger("vmsgamp.device")
@@ -101,8 +97,7 @@ class DeviceTransport:
                                          num_feature_bits=NUM_FEATURE_BITS,
                                          config_size=len(d.config), max_virtqueues=d.num_queues)
         if isinstance(req, GetDeviceFeaturesRequest):
-            fit = max(0, (self.max_msg_size - 16) // 4)
-            n = min(req.num_blocks, fit)
+            n = min(req.num_blocks, feature_blocks_fit(self.max_msg_size))
             words = tuple((self.offered >> (32 * (req.block_index + i))) & 0xFFFFFFFF
                           if req.block_index + i < NUM_FEATURE_BITS // 32 else 0 for i in range(n))
             return GetDeviceFeaturesResponse(block_index=req.block_index, features=words)
@@ -114,10 +109,9 @@ class DeviceTransport:
                         self.driver_features = (self.driver_features & ~(0xFFFFFFFF << shift)) | (w << shift)
             return SetDriverFeaturesResponse()
         if isinstance(req, GetConfigRequest):
-            fit = max(0, self.max_msg_size - 20)
             data = b""
             if req.offset + req.length <= len(d.config):
-                data = d.read_config(req.offset, min(req.length, fit))
+                data = d.read_config(req.offset, min(req.length, config_bytes_fit(self.max_msg_size)))
             return GetConfigResponse(generation=d.config_generation, offset=req.offset, data=data)
         if isinstance(req, SetConfigRequest):
             applied = 0
@@ -202,8 +196,6 @@ class DeviceTransport:
             d.queues = [self.queues.get(i) for i in range(d.num_queues)]
 
     # ---- notifications ------------------------------------------------------------
-    MAX_ROUNDS = 16
-
     def on_avail(self, vq_index: int) -> bool:
         """EVENT_AVAIL from the driver.  Returns True when chains are still
         waiting (the server calls again on its next step)."""
@@ -216,38 +208,14 @@ class DeviceTransport:
         q = self.queues.get(vq_index)
         if q is None:
             return False
-        used = False
-        more = False
-        try:
-            # vhost-style: process with kicks suppressed, re-enable, and look
-            # again (enable_notification says if chains arrived meanwhile).
-            # Bounded so a driver that floods the queue cannot monopolise the
-            # loop; what is left is rescheduled by the server.
-            for _ in range(self.MAX_ROUNDS):
-                q.disable_notification()
-                used |= bool(self.device.handle_queue(vq_index, q))
-                more = q.enable_notification()
-                if not more:
-                    break
-        except QueueBrokenError as e:
-            self._needs_reset(f"queue {vq_index}: {e.reason}")
-            return False
-        except Exception as e:  # a model bug must not take the bus down
-            log.exception("device %d (%s): queue %d handler failed", self.dev_num, self.device.name, vq_index)
-            q.mark_broken(f"device model error: {e}")
-            self._needs_reset(f"queue {vq_index}: device model error: {e}")
-            return False
-        if used:
-            self._maybe_notify(vq_index, q)
-        return more
+        done = service_queue(self.device, vq_index, q)
+        self._after_service(vq_index, done)
+        return done.more and done.broken is None
 
-    def _maybe_notify(self, vq_index: int, q: Any) -> None:
-        try:
-            notify = q.needs_notification()
-        except QueueBrokenError as e:
-            self._needs_reset(f"queue {vq_index}: {e.reason}")
-            return
-        if notify:
+    def _after_service(self, vq_index: int, done: Serviced) -> None:
+        if done.broken is not None:
+            self._needs_reset(f"queue {vq_index}: {done.broken}")
+        elif done.notify:
             self.stats["used_notifications"] += 1
             self._send(EventUsed(dev_num=self.dev_num, vq_index=vq_index))
 
@@ -255,7 +223,7 @@ class DeviceTransport:
         """The model added used buffers on its own (input arrived, IRQ)."""
         q = self.queues.get(vq_index)
         if q is not None and self.status & S.DRIVER_OK:
-            self._maybe_notify(vq_index, q)
+            self._after_service(vq_index, needs_notification(q))
 
     def on_fd_ready(self, fd: int) -> None:
         """A host fd of the model is readable; a model error here must not
@@ -272,219 +240,19 @@ class DeviceTransport:
                                    generation=self.device.config_generation))
 
 
-class DeviceServer:
-    """Serves device models on an AmpBus whose connection is a
-    DeviceConnection.  Device numbers are the dict keys (or list order)."""
-
-    def __init__(self, bus: AmpBus, aspace: AddressSpace, devices: Iterable[VirtioDevice] | dict[int, VirtioDevice] = (),
-                 *, offer_packed: bool = True, offer_event_idx: bool = True, offer_indirect: bool = True,
-                 handshake_timeout: float = 1.0):
-        if not isinstance(bus.conn, DeviceConnection):
-            raise TypeError("DeviceServer needs an AmpBus with a DeviceConnection")
-        self.bus = bus
-        self.conn: DeviceConnection = bus.conn
-        self.aspace = aspace
-        self.opts = dict(offer_packed=offer_packed, offer_event_idx=offer_event_idx,
-                         offer_indirect=offer_indirect)
-        self.handshake_timeout = handshake_timeout
-        self.transports: dict[int, DeviceTransport] = {}
-        self._outbox: list[Message] = []
-        self._rescan: set[tuple[int, int]] = set()   # (dev_num, vq) with chains left over
-        self._fds: dict[int, Callable[[], None]] = {}  # host fds watched by the loop
-        self._stop = threading.Event()
-        self._lock = threading.RLock()
-        self.events: list[Any] = []      # PeerLost and hot-plug history, for reports
-        self.pings_answered = 0
-        self._ping_seq = 0
-        self._ping_sent: dict[int, float] = {}
-        self.ping_rtts: list[float] = []
-        items = devices.items() if isinstance(devices, dict) else enumerate(devices)
-        for num, dev in items:
-            self._attach(num, dev)
-
-    # ---- devices -------------------------------------------------------------
-    def _attach(self, dev_num: int, device: VirtioDevice) -> DeviceTransport:
-        if not 0 <= dev_num < MAX_DEVICES:
-            raise ValueError(f"device number {dev_num} outside 0..{MAX_DEVICES - 1}")
-        if dev_num in self.transports:
-            raise ValueError(f"device number {dev_num} is already in use")
-        t = DeviceTransport(dev_num, device, self.aspace, send=self._queue_event,
-                            max_msg_size=self.conn.max_msg_size, **self.opts)
-        self.transports[dev_num] = t
-        return t
-
-    def add_device(self, device: VirtioDevice, dev_num: int | None = None) -> int:
-        """Hot-plug: attach and announce with EVENT_DEVICE READY."""
-        with self._lock:
-            if dev_num is None:
-                dev_num = next(i for i in range(MAX_DEVICES) if i not in self.transports)
-            self._attach(dev_num, device)
-            if self.bus.up:
-                self.bus.transmit(self.conn.device_ready(dev_num, self.bus.clock()))
-            return dev_num
-
-    def remove_device(self, dev_num: int) -> VirtioDevice:
-        """Hot-unplug: reset, detach and announce EVENT_DEVICE REMOVED."""
-        with self._lock:
-            t = self.transports.pop(dev_num)
-            t.reset()
-            if self.bus.up:
-                self.bus.transmit(self.conn.device_removed(dev_num, self.bus.clock()))
-            return t.device
-
-    @property
-    def devices(self) -> dict[int, VirtioDevice]:
-        return {n: t.device for n, t in self.transports.items()}
-
-    def add_fd(self, fd: int, callback: Callable[[], None]) -> None:
-        """Watch a host fd in the serving loop (carrier notifications, control
-        pipes); ``callback()`` runs when it is readable."""
-        self._fds[fd] = callback
-
-    def remove_fd(self, fd: int) -> None:
-        self._fds.pop(fd, None)
-
-    def _queue_event(self, msg: Message) -> None:
-        self._outbox.append(msg)
-
-    def _flush(self) -> None:
-        while self._outbox and self.bus.up:
-            msg = self._outbox.pop(0)
-            self.bus.transmit(self.conn.send(msg, self.bus.clock()))
-
-    def reset_all(self) -> None:
-        for t in self.transports.values():
-            t.reset()
-        self._outbox.clear()
-        self._rescan.clear()
-
-    # ---- serving ----------------------------------------------------------------
-    def handle_events(self, events: list[Event]) -> None:
-        for ev in events:
-            if isinstance(ev, RequestReceived):
-                self._on_request(ev.request)
-            elif isinstance(ev, NotificationReceived) and isinstance(ev.message, EventAvail):
-                self._kick(ev.message.dev_num, ev.message.vq_index)
-            elif isinstance(ev, PingReceived):
-                self.pings_answered += 1
-            elif isinstance(ev, ResponseReceived):
-                sent = self._ping_sent.pop(getattr(ev.response, "data", -1), None)
-                if sent is not None:
-                    self.ping_rtts.append(self.bus.clock() - sent)
-            elif isinstance(ev, PeerLost):
-                # The driver's queue head left RUN: every device is reset (ref. section 7).
-                self.events.append(ev)
-                self.reset_all()
-            elif isinstance(ev, (RequestTimedOut, RequestCancelled)):
-                pass
-        self._flush()
-
-    def _kick(self, dev_num: int, vq_index: int) -> None:
-        t = self.transports.get(dev_num)
-        if t is not None and t.on_avail(vq_index):
-            self._rescan.add((dev_num, vq_index))
-        else:
-            self._rescan.discard((dev_num, vq_index))
-
-    def _on_request(self, req: Message) -> None:
-        if isinstance(req, GetDevicesRequest):
-            present = [n for n in self.transports if req.offset <= n < req.offset + req.count]
-            self.bus.transmit(self.conn.answer_get_devices(req, present))
-            return
-        t = self.transports.get(req.dev_num)
-        if t is None:
-            resp = _absent_response(req)
-        else:
-            resp = t.handle(req)
-        if resp is None:
-            self.conn.ignore(req)
-        else:
-            self.bus.transmit(self.conn.respond(req, resp))
-
-    def step(self, timeout: float | None = 0.05) -> None:
-        """Serve one wake-up: bus traffic, device fds, timeouts."""
-        with self._lock:
-            if not self.bus.up:
-                for fd, cb in list(self._fds.items()):
-                    if select.select([fd], [], [], 0)[0]:
-                        cb()
-                try:
-                    self.bus.start(self.handshake_timeout)
-                    log.info("peer is back: session %d", self.bus.sessions)
-                except TimeoutError:
-                    return
-            if self._rescan:
-                for dev_num, vq in list(self._rescan):
-                    self._kick(dev_num, vq)
-                self._flush()
-                timeout = 0
-            fds = [fd for t in self.transports.values() for fd in t.device.poll_fds()] + list(self._fds)
-            if fds and timeout != 0:
-                try:
-                    self._wait_with_fds(fds, timeout)
-                except PeerStateError as e:
-                    self.handle_events(self.bus.peer_lost(e))
-                    return
-                timeout = 0
-            self.handle_events(self.bus.poll(timeout))
-
-    def _wait_with_fds(self, fds: list[int], timeout: float | None) -> None:
-        """Sleep until the bus doorbell or a device fd is ready."""
-        fifo = self.bus.fifo
-        sel = selectors.DefaultSelector()
-        try:
-            for fd in fds:
-                sel.register(fd, selectors.EVENT_READ)
-            has_bell = fifo.doorbell.can_wait
-            if has_bell:
-                if fifo.arm_wait():
-                    return
-                sel.register(fifo.doorbell.fileno(), selectors.EVENT_READ, "bell")
-            # Without a doorbell the FIFO must be polled: cap the sleep.
-            limit = timeout if has_bell else min(timeout if timeout is not None else 0.002, 0.002)
-            for key, _ in sel.select(limit):
-                if key.data == "bell":
-                    fifo.doorbell.drain()
-                elif key.fd in self._fds:
-                    self._fds[key.fd]()
-                else:
-                    for t in self.transports.values():
-                        if key.fd in t.device.poll_fds():
-                            t.on_fd_ready(key.fd)
-        finally:
-            if fifo.doorbell.can_wait:
-                fifo.disarm_wait()
-            sel.close()
-
-    def ping(self) -> None:
-        """Send a bus PING; its round trip lands in ``ping_rtts``."""
-        with self._lock:
-            self._ping_seq = (self._ping_seq + 1) & 0xFFFFFFFF
-            self._ping_sent[self._ping_seq] = self.bus.clock()
-            self.bus.transmit(self.conn.ping(self._ping_seq, self.bus.clock(), timeout=5.0))
-
-    def serve_forever(self, stop: threading.Event | None = None) -> None:
-        stop = stop or self._stop
-        while not stop.is_set():
-            try:
-                self.step(0.1)
-            except BusError as e:
-                log.warning("bus error: %s", e)
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def close(self) -> None:
-        self.stop()
-        for t in self.transports.values():
-            try:
-                t.device.close()
-            except Exception:
-                log.exception("closing device %d", t.dev_num)
+def feature_blocks_fit(max_msg_size: int) -> int:
+    """Feature words one GET_DEVICE_FEATURES response can carry (8-byte
+    header, block_index and num_blocks: 16 bytes before the words)."""
+    return max(0, (max_msg_size - 16) // 4)
 
 
-def _absent_response(req: Message) -> Message | None:
+def config_bytes_fit(max_msg_size: int) -> int:
+    """Config bytes one GET_CONFIG response can carry (8-byte header,
+    generation, offset, length: 20 bytes before the data)."""
+    return max(0, max_msg_size - 20)
+
+
+def absent_response(req: Message, max_msg_size: int = 64) -> Message | None:
     """Answers for a device number with no device: harmless zeros, so a
     driver that probes a gap fails fast (device_id 0 = no device) instead of
     timing out."""
@@ -492,7 +260,8 @@ def _absent_response(req: Message) -> Message | None:
         return GetDeviceInfoResponse(device_id=0, vendor_id=0, num_feature_bits=NUM_FEATURE_BITS,
                                      config_size=0, max_virtqueues=0)
     if isinstance(req, GetDeviceFeaturesRequest):
-        return GetDeviceFeaturesResponse(block_index=req.block_index, features=(0,) * min(req.num_blocks, 8))
+        n = min(req.num_blocks, feature_blocks_fit(max_msg_size))
+        return GetDeviceFeaturesResponse(block_index=req.block_index, features=(0,) * n)
     if isinstance(req, SetDriverFeaturesRequest):
         return SetDriverFeaturesResponse()
     if isinstance(req, GetConfigRequest):
@@ -512,3 +281,20 @@ def _absent_response(req: Message) -> Message | None:
     if isinstance(req, GetShmRequest):
         return GetShmResponse(index=req.index, length=0, address=0)
     return None
+
+
+def fallback_response(req: Message, transport: DeviceTransport | None = None,
+                      max_msg_size: int = 64) -> Message | None:
+    """The answer owed to ``req`` when building the real one failed (the
+    last-resort guard of a serving loop): an empty GET_DEVICES window,
+    the device's actual status for status requests (the caller has set
+    DEVICE_NEEDS_RESET), harmless zeros otherwise."""
+    if isinstance(req, GetDevicesRequest):
+        return GetDevicesResponse(offset=req.offset, next_offset=0, bitmap=b"")
+    if transport is not None:
+        status = transport.status & 0xFFFFFFFF
+        if isinstance(req, GetDeviceStatusRequest):
+            return GetDeviceStatusResponse(status=status)
+        if isinstance(req, SetDeviceStatusRequest):
+            return SetDeviceStatusResponse(status=status)
+    return absent_response(req, max_msg_size)

@@ -119,7 +119,7 @@ class AmpDriver:
                     del self._done[i]
                     return ev
             if not self.bus.up:
-                raise BusError(f"{what}: the device side went away")
+                raise BusError(f"{what}: {self._why_down()}")
             left = deadline - self.bus.clock()
             if left <= 0:
                 raise TimeoutError(f"{what}: no answer within {timeout} s")
@@ -142,7 +142,14 @@ class AmpDriver:
         if isinstance(ev, RequestTimedOut):
             raise TimeoutError(f"{type(msg).__name__} to device {msg.dev_num}: no response "
                                f"within {timeout} s")
-        raise BusError(f"{type(msg).__name__} to device {msg.dev_num} cancelled: the peer went away")
+        raise BusError(f"{type(msg).__name__} to device {msg.dev_num} cancelled: {self._why_down()}")
+
+    def _why_down(self) -> str:
+        """How the last session ended, in the words of the error raised."""
+        last = self.peer_lost[-1] if self.peer_lost else None
+        if last is not None and last.event == "broken":
+            return f"the FIFO broke ({last.peer_state})"
+        return "the peer went away"
 
     def _op(self, start: Callable[[float], list[bytes]], cls: type, dev_num: int, what: str) -> Event:
         self.dispatch(self.bus.transmit(start(self.bus.clock())))

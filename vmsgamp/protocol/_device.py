@@ -15,7 +15,7 @@ from ._endpoint import BUS, Connection
 from ._messages import (EventAvail, EventConfig, EventDevice, EventUsed, GetDevicesRequest,
                         GetDevicesResponse, Message, PingRequest, PingResponse)
 
-__all__ = ["DeviceConnection"]
+__all__ = ["DeviceConnection", "get_devices_window"]
 
 
 class DeviceConnection(Connection):
@@ -76,10 +76,39 @@ class DeviceConnection(Connection):
 
     def answer_get_devices(self, request: GetDevicesRequest, devices: Iterable[int], *,
                            next_offset: int | None = None) -> list[bytes]:
-        """Answer a GET_DEVICES window with exactly the count asked (Linux
-        fails otherwise); ``next_offset`` defaults to offset+count as QEMU does."""
+        """Answer a GET_DEVICES window.  The count returned is the count
+        asked (Linux fails otherwise: its ``{0, 32}`` always gets exactly 32)
+        unless the window cannot be answered whole: see :func:`get_devices_window`.
+        ``next_offset`` defaults to offset+count as QEMU does, or 0 ("no
+        more") where no 8-device window starts below 0x10000."""
+        count = get_devices_window(request.offset, request.count, self.max_msg_size,
+                                   self.profile.header_size)
+        if next_offset is None:
+            end = request.offset + count
+            next_offset = end if end + 8 <= 0x10000 else 0
         return self.respond(request, GetDevicesResponse.from_devices(
-            devices, offset=request.offset, count=request.count, next_offset=next_offset))
+            devices, offset=request.offset, count=count, next_offset=next_offset))
 
     def ping(self, data: int, now: float, *, timeout: float | None = None) -> list[bytes]:
         return self.send(PingRequest(data=data), now, timeout=timeout)
+
+
+# GET_DEVICES response: header, then offset, count, next_offset (u16 each), then the bitmap.
+_GET_DEVICES_FIXED = 6
+
+
+def get_devices_window(offset: int, count: int, max_msg_size: int, header_size: int) -> int:
+    """How many device numbers a GET_DEVICES answer for ``{offset, count}``
+    covers.  The request's count unless the window cannot be answered whole,
+    in which case it is clamped (a multiple of 8, possibly 0) to
+
+    * what fits one message: ``8 * (max_msg_size - header - 6)`` (400 device
+      numbers with 64-byte messages, 272 with 48);
+    * the 16-bit device-number space: the window ends at 0x10000 at most.
+
+    The spec has no error answer for GET_DEVICES, so a shorter window (its
+    count says how much was answered) is the only honest reply; a driver
+    that asked for more continues at next_offset."""
+    room = max(0, max_msg_size - header_size - _GET_DEVICES_FIXED) * 8
+    space = max(0, 0x10000 - offset) & ~7
+    return max(0, min(count, room, space)) & ~7

@@ -41,8 +41,9 @@ from typing import Any
 
 from vmsgamp._core.addrspace import AddressSpace
 from vmsgamp._core.region import Region
-from vmsgamp._core.virtq import PackedQueue, QueueBrokenError, QueueState, SplitQueue
+from vmsgamp._core.virtq import PackedQueue, QueueState, SplitQueue
 from vmsgamp.devices._base import VirtioDevice, offered_features
+from vmsgamp.devices._service import Serviced, needs_notification, service_queue
 from vmsgamp.vhost_user._protocol import (
     FLAG_NEED_REPLY, MAX_FDS, VHOST_USER_F_PROTOCOL_FEATURES, Decoder, MemoryRegion, ProtocolFeature,
     Request, VhostMessage, VhostProtocolError, encode_config, encode_reply, encode_u64,
@@ -58,7 +59,6 @@ VIRTIO_F_VERSION_1 = 32
 VIRTIO_F_RING_PACKED = 34
 PACKED_INITIAL_BASE = 0x80008000   # avail 0 / wrap 1, used 0 / wrap 1
 MAX_RING_SIZE = 32768
-MAX_ROUNDS = 16                    # handle_queue rounds per wake-up before yielding
 
 
 class VhostUserError(Exception):
@@ -747,36 +747,15 @@ class VhostUserBackend:
         q = vr.queue
         if q is None or q.broken:
             return
-        used = False
-        try:
-            # vhost style: process with kicks suppressed, re-enable, look again
-            # (enable_notification says whether chains arrived meanwhile).
-            # Bounded so one busy queue cannot starve the socket and the others.
-            for _ in range(MAX_ROUNDS):
-                q.disable_notification()
-                used |= bool(self.device.handle_queue(vr.index, q))
-                if not q.enable_notification():
-                    break
-            else:
-                self._pending.add(vr.index)
-        except QueueBrokenError as e:
-            self._mark_broken(vr, e.reason)
-            return
-        except Exception as e:  # a model bug must not take the back-end down
-            log.exception("%s: queue %d handler failed", self.device.name, vr.index)
-            self._mark_broken(vr, f"device model error: {e}")
-            return
-        if used:
-            self._maybe_call(vr)
+        self._after_service(vr, service_queue(self.device, vr.index, q))
 
-    def _maybe_call(self, vr: Vring) -> None:
-        q = vr.queue
-        try:
-            notify = q.needs_notification()
-        except QueueBrokenError as e:
-            self._mark_broken(vr, e.reason)
+    def _after_service(self, vr: Vring, done: Serviced) -> None:
+        if done.broken is not None:
+            self._mark_broken(vr, done.broken)
             return
-        if notify and vr.call_fd is not None:
+        if done.more:
+            self._pending.add(vr.index)
+        if done.notify and vr.call_fd is not None:
             try:
                 os.eventfd_write(vr.call_fd, 1)
                 self.stats["calls"] += 1
@@ -785,7 +764,9 @@ class VhostUserBackend:
 
     def _device_notify(self, index: int) -> None:
         if 0 <= index < len(self.vrings) and self.vrings[index].started:
-            self._maybe_call(self.vrings[index])
+            vr = self.vrings[index]
+            if vr.queue is not None:
+                self._after_service(vr, needs_notification(vr.queue))
 
     def _config_changed(self) -> None:
         # Needs the back-end request channel (CONFIG_CHANGE_MSG), not offered.

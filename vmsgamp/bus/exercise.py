@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vmsgamp.bus import AmpDriver
+from vmsgamp.bus._driver_side import AmpDriver
 
 Exercise = Callable[..., dict[str, Any]]
 EXERCISES: dict[int, Exercise] = {}

@@ -1,0 +1,81 @@
+"""The device-side queue-service routine shared by every transport.
+
+Both the AMP bus (``vmsgamp.bus.DeviceTransport``) and the vhost-user
+back-end (``vmsgamp.vhost_user``) serve a kicked virtqueue the same way, as
+vhost and rust-vmm do:
+
+1. disable kicks, let the model pop and complete chains, re-enable kicks;
+2. ``enable_notification()`` re-reads the available index after the
+   re-enable (its fence closes the lost-kick race), so chains published
+   while kicks were off are served in another round;
+3. after a bounded number of rounds, give the loop back (``more``): one busy
+   queue must not starve the others or the message channel;
+4. if anything was used, ``needs_notification()`` says whether the driver
+   wants to hear about it (flags or event index); the caller rings.
+
+A corrupted ring (``QueueBrokenError``) or an exception from the model ends
+with the queue marked broken and the reason handed to the caller, which
+tells its driver in its own way (DEVICE_NEEDS_RESET, the vring error fd).
+The routine never raises for what the driver wrote.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from vmsgamp._core.virtq import QueueBrokenError
+
+log = logging.getLogger("vmsgamp.devices")
+
+MAX_ROUNDS = 16   # handle_queue rounds per wake-up before yielding to the loop
+
+
+@dataclass(frozen=True)
+class Serviced:
+    """What one service call found.
+
+    ``notify``: used buffers were added and the driver wants a notification.
+    ``more``: chains were still arriving after ``max_rounds``; serve again soon.
+    ``broken``: the queue is broken (already marked so); the reason to report.
+    """
+
+    notify: bool = False
+    more: bool = False
+    broken: str | None = None
+
+
+IDLE = Serviced()
+
+
+def service_queue(device: Any, index: int, queue: Any, *, max_rounds: int = MAX_ROUNDS) -> Serviced:
+    """Serve a kick on ``queue`` (queue ``index`` of ``device``)."""
+    used = False
+    more = False
+    try:
+        for _ in range(max_rounds):
+            queue.disable_notification()
+            used |= bool(device.handle_queue(index, queue))
+            more = queue.enable_notification()
+            if not more:
+                break
+    except QueueBrokenError as e:
+        return Serviced(broken=e.reason)
+    except Exception as e:  # a model bug must not take the transport down
+        log.exception("%s: queue %d handler failed", getattr(device, "name", "device"), index)
+        reason = f"device model error: {e}"
+        queue.mark_broken(reason)
+        return Serviced(broken=reason)
+    if not used:
+        return Serviced(more=more)
+    done = needs_notification(queue)
+    return Serviced(notify=done.notify, more=more, broken=done.broken)
+
+
+def needs_notification(queue: Any) -> Serviced:
+    """Whether the driver wants a used-buffer notification now (after the
+    model added used buffers on its own, or at the end of a service call)."""
+    try:
+        return Serviced(notify=bool(queue.needs_notification()))
+    except QueueBrokenError as e:
+        return Serviced(broken=e.reason)
