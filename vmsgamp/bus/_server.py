@@ -29,7 +29,9 @@ from vmsgamp.bus._amp import AmpBus, BusError, PeerLost
 from vmsgamp.bus._claim import DEFAULT_OBSERVE_S, DeviceSideClaim
 from vmsgamp.bus._device_side import MAX_DEVICES, DeviceTransport, absent_response, fallback_response
 from vmsgamp.devices._base import VirtioDevice
-from vmsgamp.errors import FifoBrokenError, LayoutError, LocalProtocolError, PeerStateError
+from vmsgamp.errors import (
+    FifoBrokenError, LayoutError, LocalProtocolError, PeerStateError, SharedObjectLost,
+)
 from vmsgamp.protocol import (
     DeviceConnection, Event, EventAvail, GetDevicesRequest, Message, NotificationReceived,
     PingReceived, RequestCancelled, RequestReceived, RequestTimedOut, ResponseReceived,
@@ -179,7 +181,7 @@ class DeviceServer:
                     continue    # the session ended under us: the rest was the old session's
                 try:
                     self._handle_event(ev)
-                except BusError:
+                except (BusError, SharedObjectLost):
                     raise
                 except Exception as e:  # last resort: one bad message never ends the loop
                     self._dispatch_failed(ev, e)
@@ -390,6 +392,8 @@ class DeviceServer:
             except BusError as e:
                 log.warning("bus error: %s", e)
                 time.sleep(0.05)
+            except SharedObjectLost:
+                raise  # the shared memory is gone: no session can run on it any more
             except Exception as e:  # last resort: end the session, keep serving
                 self.loop_errors += 1
                 log.exception("serving loop error (%d so far): the session ends", self.loop_errors)

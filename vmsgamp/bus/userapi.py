@@ -40,7 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vmsgamp._core.addrspace import AddressSpace
-from vmsgamp.bus._device_side import DeviceTransport, _absent_response
+from vmsgamp.bus._device_side import DeviceTransport, absent_response, fallback_response
 from vmsgamp.carriers.vmsg_lb import HEADER, MSG_SIZE, VmsgLbCarrier, VmsgLbError
 from vmsgamp.devices._base import VirtioDevice
 from vmsgamp.errors import LocalProtocolError, RemoteProtocolError
@@ -426,7 +426,7 @@ class UserApiServer:
         resp: Message | None
         if t is None:
             self.stats["unknown_device"] += 1
-            resp = _absent_response(msg)
+            resp = absent_response(msg, MSG_SIZE)
         else:
             try:
                 resp = t.handle(msg)
@@ -437,7 +437,7 @@ class UserApiServer:
             except Exception:
                 self.stats["handler_errors"] += 1
                 log.exception("device %d: %s failed; answering with zeros", dev_id, msg.NAME)
-                resp = _absent_response(msg)
+                resp = fallback_response(msg, t, MSG_SIZE)
         if resp is None:
             return _echo(raw), None
         try:

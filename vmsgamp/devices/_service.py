@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmsgamp._core.virtq import QueueBrokenError
+from vmsgamp.errors import SharedObjectLost
 
 log = logging.getLogger("vmsgamp.devices")
 
@@ -61,6 +62,8 @@ def service_queue(device: Any, index: int, queue: Any, *, max_rounds: int = MAX_
                 break
     except QueueBrokenError as e:
         return Serviced(broken=e.reason)
+    except SharedObjectLost:
+        raise  # the memory itself is gone: not this queue's fault, the endpoint must stop
     except Exception as e:  # a model bug must not take the transport down
         log.exception("%s: queue %d handler failed", getattr(device, "name", "device"), index)
         reason = f"device model error: {e}"

@@ -44,6 +44,7 @@ from vmsgamp._core.region import Region
 from vmsgamp._core.virtq import PackedQueue, QueueState, SplitQueue
 from vmsgamp.devices._base import VirtioDevice, offered_features
 from vmsgamp.devices._service import Serviced, needs_notification, service_queue
+from vmsgamp.errors import SharedObjectLost
 from vmsgamp.vhost_user._protocol import (
     FLAG_NEED_REPLY, MAX_FDS, VHOST_USER_F_PROTOCOL_FEATURES, Decoder, MemoryRegion, ProtocolFeature,
     Request, VhostMessage, VhostProtocolError, encode_config, encode_reply, encode_u64,
@@ -426,6 +427,8 @@ class VhostUserBackend:
             self.stats["refused"] += 1
             log.warning("%s refused: %s", msg.name, e)
             self.events.append(f"refused {msg.name}")
+        except SharedObjectLost:
+            raise    # guest memory shrank under us: this session cannot go on
         except Exception as e:   # a bug (ours or the model's) must not end the back-end
             ok = False
             self.stats["refused"] += 1
