@@ -42,7 +42,7 @@ from vmsgamp.bus import AmpBus, AmpDriver  # noqa: E402
 from vmsgamp.carriers import open_carrier  # noqa: E402
 from vmsgamp.coproc.build import build_firmware, missing_tools  # noqa: E402
 from vmsgamp.coproc.m4 import DRIVER_MEMORY_OFFSET, M4Machine  # noqa: E402
-from vmsgamp.devices.exercise import EXERCISES  # noqa: E402
+from vmsgamp.bus.exercise import EXERCISES  # noqa: E402
 from vmsgamp.protocol import DriverConnection  # noqa: E402
 
 

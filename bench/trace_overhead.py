@@ -21,7 +21,7 @@ import tempfile
 import time
 
 from vmsgamp.devices.console import ConsoleDevice, EchoBackend
-from vmsgamp.devices.exercise import console, rng
+from vmsgamp.bus.exercise import console, rng
 from vmsgamp.devices.rng import RngDevice
 from vmsgamp.protocol import PingRequest, encode
 from vmsgamp.testing.amp import amp_pair

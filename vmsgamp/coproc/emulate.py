@@ -23,7 +23,7 @@ def run_m4(args: argparse.Namespace) -> int:
     from vmsgamp.carriers import open_carrier
     from vmsgamp.coproc.build import build_firmware, missing_tools
     from vmsgamp.coproc.m4 import DRIVER_MEMORY_OFFSET, M4Error, M4Machine
-    from vmsgamp.devices.exercise import EXERCISES
+    from vmsgamp.bus.exercise import EXERCISES
     from vmsgamp.protocol import DriverConnection
 
     if args.devices and args.devices != FIRMWARE_DEVICES:
