@@ -83,4 +83,5 @@ def _factory(source: str | None = None) -> RngDevice:
     return RngDevice(source)
 
 
-register_device("rng", _factory, {"source": "file or device to read entropy from (default os.urandom)"})
+register_device("rng", _factory, {"source": "file or device to read entropy from (default os.urandom)"},
+                path_key="source")
