@@ -22,17 +22,10 @@ from vmsgamp.protocol import (G1, G2, MESSAGE_CLASSES, EventAvail, EventConfig, 
                               describe, encode, encoded_size, message_class)
 
 REPO = Path(__file__).resolve().parents[1]
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "virtio-msg-g2-examples.json"
-
-
-def _load_vectors() -> list[dict[str, Any]]:
-    if not VECTORS.is_file():
-        return []
-    return json.loads(VECTORS.read_text())["messages"]
-
-
-GOLDEN = _load_vectors()
-needs_vectors = pytest.mark.skipif(not GOLDEN, reason=f"golden vector file not found at {VECTORS}")
+# Golden vectors (bytes and their decoded fields) kept in the repository.
+VECTORS = Path(__file__).resolve().parent / "data" / "virtio-msg-g2-examples.json"
+GOLDEN: list[dict[str, Any]] = json.loads(VECTORS.read_text())["messages"]
+assert GOLDEN, f"no golden vectors in {VECTORS}"
 
 
 # One instance of every message, with non-trivial values (tokens 0 so that the
@@ -85,7 +78,6 @@ def test_samples_cover_every_message_class() -> None:
 # -- golden vectors -----------------------------------------------------------------
 
 
-@needs_vectors
 @pytest.mark.parametrize("vec", GOLDEN, ids=lambda v: f"{v['name']}-{'resp' if v['response'] else 'req'}")
 def test_golden_decode(vec: dict[str, Any]) -> None:
     msg = decode(bytes.fromhex(vec["hex"]))
@@ -101,7 +93,6 @@ def test_golden_decode(vec: dict[str, Any]) -> None:
     assert d["msg_size"] == hdr["msg_size"] == len(bytes.fromhex(vec["hex"]))
 
 
-@needs_vectors
 @pytest.mark.parametrize("vec", GOLDEN, ids=lambda v: f"{v['name']}-{'resp' if v['response'] else 'req'}")
 def test_golden_encode_from_fields(vec: dict[str, Any]) -> None:
     """Build the message from the vector's fields (not from decode) and encode."""

@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=int, default=1, help="repeat and report medians")
     p.add_argument("--request", type=int, default=4096, help="rng request size in bytes")
     p.add_argument("--in-flight", type=int, default=32, help="rng requests queued at once")
-    p.add_argument("--layout", choices=["b", "a"], default="b")
+    p.add_argument("--layout", choices=["b", "a"], default="b", help="FIFO layout: b = vmamp_shmem, a = spsc_queue")
 
 
 def run_once(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Boot a tiny Linux guest in QEMU (TCG) that runs this machine's own Python.
 
 The guest is the Debian kernel plus a busybox initramfs built and cached by
-``tools/guest/build-guest.sh``; it mounts the host's root file system
+``build-guest.sh`` (shipped in the package beside this module, in
+``guest/``; ``tools/guest/build-guest.sh`` in a checkout runs the same); it mounts the host's root file system
 read-only over 9p and runs a shell script inside ``chroot /host``, so
 ``sys.executable`` and the installed (or in-tree) vmsgamp work in the guest
 unchanged.  Used by the carriers' end-to-end tests (``ivshmem-doorbell`` +
@@ -49,10 +50,7 @@ __all__ = [
 QEMU = "qemu-system-x86_64"
 INSTALL_HINT = ("apt-get install -y qemu-system-x86 busybox-static cpio "
                 "(.ci/run does this when it runs as root)")
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-_SCRIPT_CANDIDATES = (
-    _REPO_ROOT / "tools" / "guest" / "build-guest.sh",
-)
+_BUILDER = Path(__file__).resolve().parent / "guest" / "build-guest.sh"
 _EXIT_MARK = "VMSGAMP-GUEST-EXIT"
 
 
@@ -91,15 +89,15 @@ def qemu_available() -> tuple[bool, str]:
 
 
 def build_script() -> Path:
-    """The image builder (``tools/guest/build-guest.sh``)."""
+    """The image builder (``guest/build-guest.sh`` beside this module;
+    ``VMSGAMP_GUEST_BUILDER`` overrides it)."""
     env = os.environ.get("VMSGAMP_GUEST_BUILDER")
     if env:
         return Path(env)
-    for cand in _SCRIPT_CANDIDATES:
-        if cand.is_file():
-            return cand
-    raise GuestError("tools/guest/build-guest.sh not found (vmsgamp is not run from its "
-                     "source tree; set VMSGAMP_GUEST_BUILDER to the script's path)")
+    if _BUILDER.is_file():
+        return _BUILDER
+    raise GuestError(f"the guest builder {_BUILDER} is missing from this installation "
+                     f"(reinstall vmsgamp, or set VMSGAMP_GUEST_BUILDER to build-guest.sh)")
 
 
 def cache_dir() -> Path:
