@@ -87,6 +87,10 @@ def start_driver_bus(args: argparse.Namespace, carrier: Carrier, fifo: MsgFifo) 
         carrier.close()
         raise CliError(f"{args.region}: no device side answered within {args.timeout} s "
                        f"({e}); is `vmsgamp serve` running on it?") from None
+    except BaseException:             # Ctrl-C while waiting: leave nothing open
+        fifo.close()
+        carrier.close()
+        raise
     return bus
 
 
