@@ -29,7 +29,7 @@ from typing import Any
 from vmsgamp.devices.console import (
     CONSOLE_PORT, CONTROL, CONTROL_RX_QUEUE, CONTROL_TX_QUEUE, DEFAULT_SIZE_ORDER, DEVICE_READY,
     PORT_ADD, PORT_NAME, PORT_OPEN, PORT_READY, PORT_REMOVE, RESIZE, SIZE_ORDERS,
-    VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE, check_size_order, port_queues,
+    VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE, VIRTIO_ID_CONSOLE, check_size_order, port_queues,
 )
 
 __all__ = ["ConsoleClient", "ConsolePortStream", "ConsoleStreamWriter", "open_console_streams"]
@@ -233,6 +233,19 @@ class ConsoleClient:
                 self._wait(lambda: 0 in self.ports, self.timeout if ready_timeout is None else ready_timeout)
             else:
                 self._add_port(0)
+
+    @classmethod
+    def open(cls, driver: Any, dev_num: int, *, packed: bool | None = None,
+             **kw: Any) -> "ConsoleClient":
+        """Probe ``dev_num`` on ``driver`` (an AmpDriver), taking SIZE and
+        MULTIPORT when offered, and wrap it."""
+        from vmsgamp.errors import VmsgampError
+
+        info = driver.info(dev_num)
+        if info.device_id != VIRTIO_ID_CONSOLE:
+            raise VmsgampError(f"device {dev_num} is {info.name}, not console")
+        wanted = info.features & (1 << VIRTIO_CONSOLE_F_SIZE | 1 << VIRTIO_CONSOLE_F_MULTIPORT)
+        return cls(driver.open(dev_num, features=wanted, packed=packed), **kw)
 
     # ---- ports ------------------------------------------------------------------------------
     def port(self, port_id: int = 0, timeout: float | None = None) -> ConsolePortStream:
