@@ -155,18 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from vmsgamp._cmd import _output
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return EXIT_USAGE
-    if args.verbose:
-        import logging
-
-        logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO)
     _output.reset()
+    args = argparse.Namespace(command=_guess_command(argv), json=False)
+    # Handlers first: building the parser imports every command module, and
+    # a Ctrl-C meanwhile is one line too.
     with _signal_handlers():
         try:
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            if not getattr(args, "func", None):
+                parser.print_help()
+                return EXIT_USAGE
+            if args.verbose:
+                import logging
+
+                logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO)
             return int(args.func(args) or 0)
         except KeyboardInterrupt:
             return _fail(args, "interrupted", EXIT_INTERRUPTED, prefix="")
@@ -189,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
 
 
+def _guess_command(argv: list[str] | None) -> str | None:
+    """The subcommand's name before argparse has run (for a Ctrl-C then)."""
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    return words[0] if words else None
+
+
 def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and e.strerror and e.filename is not None:
         text = f"{e.filename}: {e.strerror}"
@@ -207,7 +216,8 @@ def _fail(args: argparse.Namespace, message: str, code: int, *, prefix: str = "e
     try:
         if getattr(args, "json", False) and not _output.printed():
             _output.print_json({"error": message, "command": args.command, "exit_code": code})
-        print(f"vmsgamp {args.command}: {prefix}{message}", file=sys.stderr, flush=True)
+        name = f"vmsgamp {args.command}" if args.command else "vmsgamp"
+        print(f"{name}: {prefix}{message}", file=sys.stderr, flush=True)
     except BrokenPipeError:
         return _broken_pipe()
     return code

@@ -75,6 +75,9 @@ def run(args: argparse.Namespace) -> int:
                 lines = err.strip().splitlines()
                 raise CliError(f"device process failed: {lines[-1] if lines else 'no output'}")
             served = json.loads(line)
+            if "error" in served:
+                stop_child(child)
+                raise CliError(f"device process failed: {served['error']}")
             report["device_process"] = {"pid": child.pid, "devices": served["devices"]}
             t0 = time.perf_counter()
             carrier = open_carrier(f"ivshmem:{sock}", timeout=10)
