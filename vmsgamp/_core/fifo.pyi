@@ -1,4 +1,4 @@
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal
 
 from vmsgamp._core.doorbell import Doorbell
 from vmsgamp._core.region import Region
@@ -13,6 +13,10 @@ HEADERS: dict[str, tuple[int, int]]
 DEFAULT_SPIN_NS: int
 
 Buffer = bytes | bytearray | memoryview
+Role = Literal["device", "driver"]
+Layout = Literal["b", "a"]
+Header = Literal["g2", "g1"]
+Placement = Literal["0/4k", "4k/8k"]
 
 def state_name(status: int) -> str: ...
 def default_layout(window: int, slot_size: int = ...) -> dict[str, int]: ...
@@ -36,9 +40,9 @@ class MsgFifo:
     dropped: int
     rings: int
     sleeps: int
-    def __init__(self, region: Region, *, role: str = ..., layout: str = ..., offset: int = ...,
-                 window: int | None = ..., doorbell: Doorbell | None = ..., header: str = ...,
-                 placement: str = ..., slot_size: int = ..., spin_us: float | None = ...) -> None: ...
+    def __init__(self, region: Region, *, role: Role = ..., layout: Layout = ..., offset: int = ...,
+                 window: int | None = ..., doorbell: Doorbell | None = ..., header: Header = ...,
+                 placement: Placement = ..., slot_size: int = ..., spin_us: float | None = ...) -> None: ...
     def start(self, timeout: float = ..., *, reset: bool = ...) -> MsgFifo: ...
     def shutdown(self) -> None: ...
     def close(self) -> None: ...

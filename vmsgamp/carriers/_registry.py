@@ -111,7 +111,7 @@ class Carrier:
     def __init__(self, region: Region, doorbell: Doorbell, *, uri: str, offset: int = 0,
                  own_id: int | None = None, peer_id: int | None = None,
                  closers: Iterable[Callable[[], Any]] = ()) -> None:
-        self.region: Region | None = region
+        self._region: Region | None = region
         self.doorbell: Doorbell = doorbell
         self.uri = uri
         self.offset = offset
@@ -122,6 +122,14 @@ class Carrier:
         if offset < 0 or offset >= region.size:
             raise ValueError(f"{uri}: offset {offset:#x} is outside the region "
                              f"(size {region.size:#x})")
+
+    @property
+    def region(self) -> Region:
+        """The shared memory (a Region, never None: after close() or
+        detach_region() this raises ValueError)."""
+        if self._region is None:
+            raise ValueError(f"{self.uri}: the region was already detached or closed")
+        return self._region
 
     @property
     def peer_id(self) -> int | None:
@@ -139,9 +147,7 @@ class Carrier:
     def detach_region(self) -> Region:
         """Hand the region over to the caller and close everything else;
         the caller then owns the region (and must close it)."""
-        if self.region is None:
-            raise ValueError(f"{self.uri}: the region was already detached or closed")
-        region, self.region = self.region, None
+        region, self._region = self.region, None
         self.close()
         return region
 
@@ -150,8 +156,8 @@ class Carrier:
             return
         self.closed = True
         self.doorbell.close()
-        if self.region is not None:
-            self.region.close()
+        if self._region is not None:
+            self._region.close()
         closers, self._closers = self._closers, []
         for fn in reversed(closers):
             fn()
@@ -166,7 +172,7 @@ class Carrier:
         ids = ""
         if self.own_id is not None:
             ids = f" own_id={self.own_id} peer_id={self.peer_id}"
-        size = f" size={self.region.size:#x}" if self.region is not None else ""
+        size = f" size={self._region.size:#x}" if self._region is not None else ""
         return (f"<{type(self).__name__} {self.uri}{size} offset={self.offset:#x}{ids}"
                 f"{' closed' if self.closed else ''}>")
 
