@@ -22,8 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(sub, "serve", help="run device models on the device side of an AMP bus",
                     description="Serve virtio device models over a virtio-msg-amp bus until "
                                 "stopped: SIGTERM is the normal stop (exit 0), Ctrl-C exits 130; "
-                                "either way the region is left in SHUTDOWN and an unlink=1 object "
-                                "is removed.  Device items: TYPE[:key=value[;key=value]], a bare "
+                                "either way the devices are closed and an unlink=1 object is "
+                                "removed.  Device items: TYPE[:key=value[;key=value]], a bare "
                                 "word is a flag (console:pty), a bare path the device's path "
                                 "option (" + ", ".join(f"{t}:PATH = {t}:{k}=PATH" for t, k in
                                                         device_path_keys().items()) + ").")
