@@ -121,6 +121,7 @@ kernel="$cache/vmlinuz-$kver"
 initrd="$cache/initramfs-$kver-$script_hash.cpio.gz"
 if [ "$force" = 0 ] && [ -s "$kernel" ] && [ -s "$initrd" ]; then
     say "cached: $kernel, $initrd"
+    touch "$initrd" 2>/dev/null || true     # in use: keep it out of the pruning below
     echo "KERNEL=$kernel"
     echo "INITRD=$initrd"
     exit 0
@@ -248,8 +249,11 @@ if command -v cpio >/dev/null 2>&1; then cpio_cmd=(cpio -o -H newc --quiet --own
 cp "$work/k/boot/vmlinuz-$kver" "$work/vmlinuz.tmp"
 mv -f "$work/vmlinuz.tmp" "$kernel"
 mv -f "$work/initramfs.tmp" "$initrd"
-# Older initramfs builds of this kernel are stale now.
-for old in "$cache/initramfs-$kver-"*.cpio.gz; do [ "$old" = "$initrd" ] || rm -f "$old"; done
+# Initramfs builds of other script versions may still be in use by another
+# checkout sharing this cache (a QEMU of theirs may be about to open one):
+# prune only those unused for a week.
+find "$cache" -maxdepth 1 -name "initramfs-$kver-*.cpio.gz" ! -name "${initrd##*/}" -mtime +7 \
+    -delete 2>/dev/null || true
 say "built $kernel and $initrd ($(du -k "$initrd" | cut -f1) KiB)"
 echo "KERNEL=$kernel"
 echo "INITRD=$initrd"
