@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -68,11 +68,16 @@ class Terminated(BaseException):
 
 _shield_depth = 0
 _pending: list[int] = []
+_stoppers: list[Callable[[], None]] = []
 
 
 def _on_signal(signum: int, frame: Any) -> None:
     if _shield_depth:
         _pending.append(signum)      # delivered when the cleanup is done
+        return
+    if _stoppers:
+        _pending.append(signum)      # delivered when the loop has stopped
+        _stoppers[-1]()
         return
     _raise_for(signum)
 
@@ -102,6 +107,23 @@ def cleanup_shield() -> Iterator[None]:
 
 
 @contextmanager
+def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
+    """For a serving loop: within the block Ctrl-C and SIGTERM call
+    ``stop()`` (the loop ends at a clean point) instead of raising wherever
+    the code happens to be; the signal takes effect when the block is left
+    (KeyboardInterrupt or Terminated, as everywhere else)."""
+    _stoppers.append(stop)
+    try:
+        yield
+    finally:
+        _stoppers.pop()
+        if not _stoppers and not _shield_depth and _pending:
+            signum = _pending[0]
+            _pending.clear()
+            _raise_for(signum)
+
+
+@contextmanager
 def _signal_handlers() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield                        # only the main thread may install handlers
@@ -113,6 +135,7 @@ def _signal_handlers() -> Iterator[None]:
         for s, h in old.items():
             signal.signal(s, h)
         _pending.clear()
+        _stoppers.clear()
 
 
 # ---- parser ----------------------------------------------------------------------------------

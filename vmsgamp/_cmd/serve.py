@@ -10,7 +10,7 @@ from vmsgamp._cmd._args import positive_float
 from vmsgamp._core.addrspace import AddressSpace
 from vmsgamp._core.region import Region
 from vmsgamp.bus import AmpBus, DeviceServer
-from vmsgamp.cli import CliError
+from vmsgamp.cli import CliError, stop_on_signals
 from vmsgamp.devices._base import device_path_keys, device_types, offered_features, parse_device_list
 from vmsgamp.devices._features import feature_names
 from vmsgamp.protocol import DeviceConnection
@@ -117,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
         emit(args, info, "\n".join(lines))
         if args.keepalive:
             bus.keepalive(args.keepalive)
-        server.serve_forever()
+        with stop_on_signals(server.stop):     # the loop ends cleanly, then the signal counts
+            server.serve_forever()
         return 0
     finally:
         if server is not None:

@@ -7,7 +7,7 @@ import os
 
 from vmsgamp._cmd._args import add_command, int_range
 from vmsgamp._cmd._output import add_json_arg, emit
-from vmsgamp.cli import CliError
+from vmsgamp.cli import CliError, stop_on_signals
 from vmsgamp.devices._base import VirtioDevice, build_device as build_model, parse_device_spec
 from vmsgamp.devices._features import feature_names
 
@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
                          f"  features: {' '.join(info['feature_names'])}\n"
                          f"  QEMU: -chardev socket,id=vu,path={path} -device {qemu},chardev=vu"
                          + (f",num-queues={device.num_queues}" if device.name == "blk" else ""))
-        backend.serve_forever()
+        with stop_on_signals(backend.stop):    # the loop ends cleanly, then the signal counts
+            backend.serve_forever()
         return 0
     finally:
         log.info("stopped: %s", backend.stats)
