@@ -39,3 +39,19 @@ def fifo_pair(request):
     a.close()
     b.close()
     region.close()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Every failed QEMU test carries QEMU's stderr and the guest console of
+    each guest it ran, whatever assertion failed."""
+    outcome = yield
+    if item.get_closest_marker("qemu") is None:
+        return
+    from vmsgamp.testing.qemu_guest import take_reports
+
+    report = outcome.get_result()
+    logs = take_reports()
+    if report.failed:
+        for i, text in enumerate(logs):
+            report.sections.append((f"QEMU guest {i + 1}", text))

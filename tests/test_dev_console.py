@@ -189,10 +189,10 @@ def test_multiport_control_protocol_and_bad_messages(fmt):
         assert [(p, e) for p, e, _, _ in rig.control_msgs()] == [(0, PORT_ADD), (1, PORT_ADD)]
         rig.control(0, PORT_READY, 1)
         msgs = rig.control_msgs()
-        # console port: CONSOLE_PORT, RESIZE (rows first: the Linux order), name, host open
+        # console port: CONSOLE_PORT, RESIZE (cols first: the spec order, the default), name, host open
         assert [(p, e, v) for p, e, v, _ in msgs] == [(0, CONSOLE_PORT, 1), (0, RESIZE, 0), (0, PORT_NAME, 0),
                                                       (0, PORT_OPEN, 1)]
-        assert msgs[1][3] == struct.pack("<HH", 25, 80) and msgs[2][3] == b"con"
+        assert msgs[1][3] == struct.pack("<HH", 80, 25) and msgs[2][3] == b"con"
         rig.control(0, DEVICE_READY, 1)        # duplicate: ignored
         assert rig.control_msgs() == []
         rig.control(1, PORT_READY, 1)
@@ -251,8 +251,16 @@ def test_port_hot_plug(fmt):
 
 
 @pytest.mark.parametrize("order,config,resize", [
-    ("linux", (80, 25), (25, 80)), ("spec", (80, 25), (80, 25)), ("spec-1.4", (25, 80), (80, 25))])
+    (None, (80, 25), (80, 25)),                     # the default is the spec order (current Linux)
+    ("spec", (80, 25), (80, 25)), ("old-linux", (80, 25), (25, 80)), ("spec-1.4", (25, 80), (80, 25))])
 def test_size_order(order, config, resize):
+    if order is None:
+        dev = ConsoleDevice(CallbackBackend(), rows=25, cols=80)
+        try:
+            assert struct.unpack("<HH", dev._size_bytes(False)) == resize
+        finally:
+            dev.close()
+        return
     dev = ConsoleDevice(CallbackBackend(), rows=25, cols=80, size_order=order)
     try:
         assert struct.unpack("<HH", dev.read_config(0, 4)) == config
@@ -260,6 +268,11 @@ def test_size_order(order, config, resize):
         assert dev.features >> VIRTIO_CONSOLE_F_SIZE & 1 and not dev.features >> VIRTIO_CONSOLE_F_MULTIPORT & 1
     finally:
         dev.close()
+
+
+def test_old_size_order_name_says_what_it_became():
+    with pytest.raises(ValueError, match="old-linux"):
+        ConsoleDevice(CallbackBackend(), rows=25, cols=80, size_order="linux")
 
 
 def test_emergency_write_and_read_only_config():

@@ -171,7 +171,59 @@ def test_bad_and_foreign_uris(tree, capsys):
     assert r["checks"][0]["check"] == "uri" and not r["ok"]
     r = doctor.collect("bogus:x")
     assert r["checks"][0]["check"] == "scheme" and "known:" in r["checks"][0]["why"]
-    r = doctor.collect("ivshmem:/tmp/nowhere.sock")
-    assert r["ok"] and r["checks"][-1]["status"] == "info"     # not opened: would wait
     rc, out, err = _run(capsys, "shm:vmsgamp-doctor-does-not-exist")
     assert rc == 1 and "fail     open" in out and "FileNotFoundError" in err
+
+
+def test_ivshmem_finds_what_the_commands_fail_on(tmp_path, capsys):
+    """Doctor never joins (a join is announced to every peer) but finds a
+    missing socket, a directory, a plain file and a stale socket."""
+    import socket as so
+
+    def status(uri):
+        r = doctor.collect(uri)
+        return r["ok"], {c["check"]: (c["status"], c["why"]) for c in r["checks"]}
+
+    ok, st = status(f"ivshmem:{tmp_path / 'nowhere.sock'}")
+    assert not ok and st["socket"][0] == "missing" and "vmsgamp ivshmem-server" in st["socket"][1]
+    assert st["open"][0] == "info"
+    ok, st = status(f"ivshmem:{tmp_path}")
+    assert not ok and "is a directory" in st["socket"][1]
+    (tmp_path / "plain").write_bytes(b"")
+    ok, st = status(f"ivshmem:{tmp_path / 'plain'}")
+    assert not ok and "not a socket" in st["socket"][1]
+    stale = so.socket(so.AF_UNIX)
+    stale.bind(str(tmp_path / "stale.sock"))          # bound, never listening: a stale socket
+    stale.close()
+    ok, st = status(f"ivshmem:{tmp_path / 'stale.sock'}")
+    assert not ok and "nothing is listening" in st["socket"][1]
+    live = so.socket(so.AF_UNIX)
+    live.bind(str(tmp_path / "live.sock"))
+    live.listen()
+    try:
+        ok, st = status(f"ivshmem:{tmp_path / 'live.sock'}")
+        assert ok and "a server is listening" in st["socket"][1]
+    finally:
+        live.close()
+    rc, out, err = _run(capsys, "--json", f"ivshmem:{tmp_path / 'nowhere.sock'}")
+    assert rc == 1 and json.loads(out)["error"] in err and err.count("\n") == 1
+
+
+def test_create_uri_is_checked_not_created(tmp_path):
+    target = tmp_path / "region.bin"
+    r = doctor.collect(f"file:{target}#create=1&size=1M")
+    st = {c["check"]: c["status"] for c in r["checks"]}
+    assert r["ok"] and st["create"] == "ok" and st["unlink"] == "info" and not target.exists()
+    target.write_bytes(bytes(4096))
+    r = doctor.collect(f"file:{target}#create=1&size=1M&unlink=1")
+    st = {c["check"]: (c["status"], c["why"]) for c in r["checks"]}
+    assert not r["ok"] and st["create"][0] == "fail" and "already exists" in st["create"][1]
+    assert "unlink" not in st
+
+
+def test_region_too_small(tmp_path):
+    small = tmp_path / "small.bin"
+    small.write_bytes(bytes(1221))
+    r = doctor.collect(str(small))
+    st = {c["check"]: (c["status"], c["why"]) for c in r["checks"]}
+    assert not r["ok"] and st["size"][0] == "fail" and "too small" in st["size"][1]

@@ -22,8 +22,10 @@ from vmsgamp.protocol import (G1, G2, MESSAGE_CLASSES, EventAvail, EventConfig, 
                               describe, encode, encoded_size, message_class)
 
 REPO = Path(__file__).resolve().parents[1]
-VECTORS = Path(__file__).resolve().parent / "vectors" / "virtio-msg-g2-examples.json"
-GOLDEN: list[dict[str, Any]] = json.loads(VECTORS.read_text())["messages"]  # ships with the tests
+# Golden vectors (bytes and their decoded fields) kept in the repository.
+VECTORS = Path(__file__).resolve().parent / "data" / "virtio-msg-g2-examples.json"
+GOLDEN: list[dict[str, Any]] = json.loads(VECTORS.read_text())["messages"]
+assert GOLDEN, f"no golden vectors in {VECTORS}"
 
 
 # One instance of every message, with non-trivial values (tokens 0 so that the

@@ -181,6 +181,9 @@ def test_rng_backend_restart(tmp_path, packed):
             g.start(RESTART_SCRIPT.format(wd=wd, first=rng_read(64, "first"), second=rng_read(64, "second")),
                     timeout=200)
             be.wait_log("front-end connected")
+            # The back-end's accept() is not QEMU's connect completion: plug
+            # the device only once QEMU counts the chardev connected.
+            g.wait_chardev_connected("vu")
             g.qmp("device_add", driver="vhost-user-rng-pci", chardev="vu", id="rng0", bus="rp1", packed=packed)
             g.qmp("cont")
             deadline = time.monotonic() + 150

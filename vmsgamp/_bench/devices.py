@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--round-trips", type=int, default=2000,
                    help="rng-request and console-echo round trips timed per ring and run")
     p.add_argument("--blk-mb", type=int, default=64, help="size of the /dev/shm disk image in MiB")
-    p.add_argument("--layout", choices=["b", "a"], default="b")
+    p.add_argument("--layout", choices=["b", "a"], default="b", help="FIFO layout: b = vmamp_shmem, a = spsc_queue")
     p.add_argument("--doorbell", choices=["eventfd", "polling"], default="eventfd",
                    help="eventfd (as ivshmem:, default) or polling (as shm:, no interrupt)")
     p.add_argument("--no-fifo", action="store_true", help="skip the same-run MsgFifo busy-poll round trip")

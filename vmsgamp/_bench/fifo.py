@@ -327,7 +327,7 @@ def _breakdown_text(r: Result) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", "--layout", dest="profile", choices=["b", "a"], default="b",
+    p.add_argument("--layout", dest="profile", choices=["b", "a"], default="b",
                    help="FIFO layout: b = vmamp_shmem (default), a = spsc_queue")
     p.add_argument("--msgs", type=int, default=2_000_000, help="messages per throughput run")
     p.add_argument("--iters", type=int, default=20_000, help="round trips per latency run")

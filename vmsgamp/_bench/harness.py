@@ -198,6 +198,9 @@ def fork_pinned(
         code = 0
         try:
             os.close(rfd)
+            # Ctrl-C reaches the whole process group; the parent handles it
+            # and kills this child.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGALRM, signal.SIG_DFL)
             signal.alarm(max(1, math.ceil(timeout)))
             os.sched_setaffinity(0, {cpu})

@@ -10,14 +10,14 @@ is slow, so the ratio (ours / QEMU's) is the figure that matters.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from vmsgamp._cmd._process import start_child, stop_child
 
 SERIAL_OURS = "vmsgamp-bench"
 SERIAL_QEMU = "qemu-bench"
@@ -68,12 +68,11 @@ def _measure(fmt: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         with open(img, "wb") as f:
             f.truncate(total + (1 << 20))
     sock = work / f"vu-{fmt}.sock"
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     log = open(work / f"backend-{fmt}.log", "w")
-    backend = subprocess.Popen(
-        [sys.executable, "-m", "vmsgamp", "vhost-user", "--socket", str(sock), "--device",
-         f"blk:file={ours_img};serial={SERIAL_OURS}", "--json"],
-        stdout=subprocess.PIPE, stderr=log, env=env, text=True)
+    # the installed vmsgamp, whatever the current directory (see _cmd/_process.py)
+    backend = start_child(["vhost-user", "--socket", str(sock), "--device",
+                           f"blk:file={ours_img};serial={SERIAL_OURS}", "--json"],
+                          stdout=subprocess.PIPE, stderr=log)
     try:
         if not (backend.stdout.readline() or "").startswith("{"):
             raise RuntimeError(f"vmsgamp vhost-user did not start: {(work / f'backend-{fmt}.log').read_text()}")
@@ -92,9 +91,7 @@ def _measure(fmt: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if res.rc != 0:
             raise RuntimeError(f"guest benchmark failed ({fmt}):\n{res.describe()}")
     finally:
-        if backend.poll() is None:
-            backend.terminate()
-        backend.wait(10)
+        stop_child(backend)
         log.close()
     out: dict[str, Any] = {}
     for line in res.output.splitlines():

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import sys
+import logging
+from types import ModuleType
+
+from vmsgamp._cmd._args import add_command, positive_float, positive_int
+from vmsgamp._cmd._output import add_json_arg, emit
+from vmsgamp.cli import CliError
+
+log = logging.getLogger("vmsgamp.bench")
 
 BENCHMARKS = {
     "fifo": "vmsgamp._bench.fifo",
@@ -20,7 +26,10 @@ BENCHMARKS = {
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="measure FIFOs, virtqueues and devices between two processes")
+    p = add_command(sub, "bench", help="measure FIFOs, virtqueues and devices between two processes",
+                    description="Benchmarks between two processes pinned to two CPUs (or a QEMU "
+                                "guest for vhost-user).  `vmsgamp bench NAME --help` lists each "
+                                "one's options.  Ctrl-C stops a run and removes what it started.")
     bsub = p.add_subparsers(dest="bench", metavar="NAME")
     for name, modname in BENCHMARKS.items():
         try:
@@ -29,30 +38,43 @@ def register(sub: argparse._SubParsersAction) -> None:
             if e.name == modname:
                 continue  # not built yet
             raise
-        bp = bsub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
-        bp.add_argument("--json", action="store_true", help="print one JSON object")
+        doc = (mod.__doc__ or "").strip()
+        first = doc.split("\n\n")[0].replace("\n", " ")
+        # "``vmsgamp bench x``: what it measures." -> "what it measures"
+        summary = first.split(": ", 1)[1] if first.startswith("``") and ": " in first else first
+        bp = add_command(bsub, name, help=summary.rstrip("."), description=doc.replace("``", "`"))
+        add_json_arg(bp)
         mod.add_arguments(bp)
+        _refuse_nonpositive(bp)
         bp.set_defaults(func=_runner(mod))
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
-def _runner(mod):
-    def run(args: argparse.Namespace) -> int:
-        from vmsgamp._bench.harness import BenchError
+def _refuse_nonpositive(p: argparse.ArgumentParser) -> None:
+    """Every plain number a benchmark takes (durations, counts, sizes) is a
+    positive quantity: refuse 0 and negative values as a usage error."""
+    for action in p._actions:
+        if action.type is float:
+            action.type = positive_float
+        elif action.type is int:
+            action.type = positive_int
 
+
+def _runner(mod: ModuleType):  # type: ignore[no-untyped-def]
+    def run(args: argparse.Namespace) -> int:
         try:
             if getattr(args, "plot", None):
                 from vmsgamp._bench import plot
 
                 plot._pyplot()  # fail before a long run, not after it
             result = mod.run(args)
-        except BenchError as e:
-            print(f"vmsgamp bench {args.bench}: error: {e}", file=sys.stderr)
-            return 1
-        if args.json:
-            print(json.dumps(result, sort_keys=True))
-        else:
-            print(mod.format_human(result))
+        except RuntimeError as e:
+            # BenchError, GuestError: the first line says what; -v shows the rest.
+            text = str(e).strip() or type(e).__name__
+            log.info("%s", text)
+            first = text.splitlines()[0]
+            raise CliError(first + (" (-v shows the details)" if "\n" in text else "")) from None
+        emit(args, result, mod.format_human(result))
         return 0
 
     return run

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import string
-import sys
 from typing import Any
 
+from vmsgamp._cmd._args import add_command, positive_int
+from vmsgamp._cmd._output import emit
+from vmsgamp.cli import CliError, UsageError
 from vmsgamp.protocol import SLOT_SIZE, RemoteProtocolError, decode, describe
 
 _HEX_DIGITS = frozenset(string.hexdigits)
@@ -15,12 +16,13 @@ _HEX_KEYS = ("addr", "address", "vendor_id", "features")
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser(
-        "decode",
+    p = add_command(
+        subparsers, "decode",
         help="decode virtio-msg messages given as hex",
         description="Decode virtio-msg messages given as hex, one message per argument "
                     "(spaces, colons, dashes and a 0x prefix are allowed; quote a message that contains spaces). "
-                    "Bytes beyond msg_size are ignored, as in a FIFO slot.",
+                    "Bytes beyond msg_size are ignored, as in a FIFO slot.  Exit 1 if any message "
+                    "cannot be decoded (its line says why; the others are still printed).",
     )
     p.add_argument("hex", nargs="*", metavar="HEX", help="one message as hex, e.g. '00 02 00 00 05 00 08 00'")
     p.add_argument("--pcap", metavar="FILE",
@@ -28,11 +30,12 @@ def register(subparsers: Any) -> None:
                         "instead: one line per message as `vmsgamp trace` prints them; with --json, "
                         "JSON Lines as `vmsgamp trace --json` and a last {\"record\": \"end\"}")
     p.add_argument("--profile", choices=("g2", "g1"), default="g2",
-                   help="header generation: g2 = 8-byte header with token (default), g1 = 6-byte header")
-    p.add_argument("--max-size", type=int, default=SLOT_SIZE, metavar="BYTES",
-                   help=f"largest msg_size accepted (default {SLOT_SIZE}, the slot size; QEMU uses 48)")
+                   help="message header: g2 = 8 bytes with token, g1 = 6 bytes")
+    p.add_argument("--max-msg-size", type=positive_int, default=SLOT_SIZE, metavar="BYTES",
+                   help="largest msg_size accepted (the slot size; QEMU-style peers use 48)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object per message, one per line")
+                   help='print one JSON object, {"messages": [...]}, each entry the decoded '
+                        'message or {"hex", "error"}; with "error" too when any failed')
     p.set_defaults(func=run)
 
 
@@ -88,21 +91,21 @@ def format_line(index: int, entry: dict[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.pcap is not None or not args.hex:
         if args.hex or args.pcap is None:
-            print("vmsgamp decode: error: give HEX messages or --pcap FILE (not both)", file=sys.stderr)
-            return 2
+            raise UsageError("give HEX messages or --pcap FILE (not both)")
         from vmsgamp._cmd.trace import print_capture
 
         return print_capture(args, args.pcap)
-    entries = [decode_one(text, args.profile, args.max_size) for text in args.hex]
-    failed = [(i, e) for i, e in enumerate(entries) if "error" in e]
-    if args.json:
-        # One object per message, one per line (JSON Lines): a single message
-        # is exactly one JSON object.
-        for entry in entries:
-            print(json.dumps(entry))
-    else:
-        for i, entry in enumerate(entries):
-            print(format_line(i, entry))
-    for i, entry in failed:
-        print(f"vmsgamp decode: message {i}: {entry['error']}", file=sys.stderr)
-    return 1 if failed else 0
+    entries = [decode_one(text, args.profile, args.max_msg_size) for text in args.hex]
+    failed = [i for i, e in enumerate(entries) if "error" in e]
+    error = None
+    if failed:
+        which = ", ".join(map(str, failed))
+        error = (f"message {which} could not be decoded" if len(failed) == 1
+                 else f"messages {which} could not be decoded")
+    out: dict[str, Any] = {"messages": entries}
+    if error:
+        out["error"] = error
+    emit(args, out, "\n".join(format_line(i, e) for i, e in enumerate(entries)))
+    if error:
+        raise CliError(error)      # the reasons are on the lines above (once)
+    return 0

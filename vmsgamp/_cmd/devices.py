@@ -3,51 +3,60 @@ from __future__ import annotations
 
 import argparse
 
+from vmsgamp._cmd._args import positive_int
 from vmsgamp._cmd._common import (
-    add_endpoint_args, driver_memory_start, emit, open_endpoint, start_driver_bus,
+    add_command, add_endpoint_args, driver_memory_start, emit, open_endpoint, start_driver_bus,
 )
 from vmsgamp._cmd.trace import add_trace_arg, close_tracer, open_tracer, trace_line
 from vmsgamp._core.addrspace import RegionAllocator
-from vmsgamp.bus import AmpDriver
-
-FEATURE_NAMES = {28: "INDIRECT_DESC", 29: "EVENT_IDX", 32: "VERSION_1", 33: "ACCESS_PLATFORM",
-                 34: "RING_PACKED", 35: "IN_ORDER", 38: "NOTIFICATION_DATA", 40: "RING_RESET"}
+from vmsgamp.bus import AmpBus, AmpDriver
+from vmsgamp.carriers import Carrier
+from vmsgamp.devices._features import feature_names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("devices", help="enumerate the devices on a bus (driver side)")
+    p = add_command(sub, "devices", help="enumerate the devices on a bus (driver side)",
+                    description="Join the bus as the driver, enumerate the devices and show each "
+                                "one's id, vendor, config size, queues and feature bits by name; "
+                                "then leave (SHUTDOWN).")
     add_endpoint_args(p)
     add_trace_arg(p)
     p.set_defaults(func=run_devices)
-    p = sub.add_parser("ping", help="bus PING round trips (driver side)")
+    p = add_command(sub, "ping", help="bus PING round trips (driver side)",
+                    description="Join the bus as the driver and time PING round trips to the "
+                                "device side.")
     add_endpoint_args(p)
-    p.add_argument("-n", "--count", type=int, default=10, help="number of pings (default 10)")
+    p.add_argument("-n", "--count", type=positive_int, default=10, help="number of pings")
     add_trace_arg(p)
     p.set_defaults(func=run_ping)
 
 
+def open_driver(args: argparse.Namespace) -> tuple[Carrier, AmpBus, AmpDriver]:
+    """Open --region as the driver side: carrier, started bus, AmpDriver
+    (close the bus, then the carrier)."""
+    carrier, fifo = open_endpoint(args, "driver")
+    bus = start_driver_bus(args, carrier, fifo)
+    alloc = RegionAllocator(carrier.region, min(driver_memory_start(fifo), carrier.region.size))
+    return carrier, bus, AmpDriver(bus, alloc, timeout=args.timeout)
+
+
 def _driver(args: argparse.Namespace):
+    """open_driver() with --trace attached: (carrier, bus, driver, tracer)."""
     tracer = open_tracer(args.trace)
     try:
-        carrier, fifo = open_endpoint(args, "driver")
-        bus = start_driver_bus(args, carrier, fifo)
+        carrier, bus, drv = open_driver(args)
     except BaseException:
         close_tracer(tracer)
         raise
     if tracer is not None:
         bus.attach_tracer(tracer, args.region)
-    alloc = RegionAllocator(carrier.region, min(driver_memory_start(fifo), carrier.region.size))
-    return carrier, bus, AmpDriver(bus, alloc, timeout=args.timeout), tracer
+    return carrier, bus, drv, tracer
 
 
 def _with_trace(obj: dict, lines: list[str], summary: dict | None) -> None:
     if summary:
         obj["trace"] = summary
         lines.append(trace_line(summary))
-
-
-def feature_names(bits: int) -> list[str]:
-    return [FEATURE_NAMES.get(b, f"bit{b}") for b in range(64) if bits >> b & 1]
 
 
 def run_devices(args: argparse.Namespace) -> int:
@@ -58,7 +67,7 @@ def run_devices(args: argparse.Namespace) -> int:
         traced = close_tracer(tracer, bus)
         bus.close()
         carrier.close()
-    rows = [i.as_dict() | {"feature_names": feature_names(i.features)} for i in infos]
+    rows = [i.as_dict() | {"feature_names": feature_names(i.features, i.device_id)} for i in infos]
     lines = [f"{len(rows)} device(s) on {args.region}"]
     if rows:
         lines.append(f"{'num':>3}  {'id':>3}  {'name':8} {'vendor':>10}  {'cfg':>4}  queues(max)  features")
@@ -73,8 +82,6 @@ def run_devices(args: argparse.Namespace) -> int:
 
 
 def run_ping(args: argparse.Namespace) -> int:
-    if args.count < 1:
-        raise ValueError("--count must be at least 1")
     carrier, bus, drv, tracer = _driver(args)
     try:
         stats = drv.ping(args.count)

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import os
 import re
 import stat
-import sys
 from typing import Any
+
+from vmsgamp._cmd._args import add_command
+from vmsgamp._cmd._output import add_json_arg, emit
+from vmsgamp.cli import CliError
 
 from vmsgamp.carriers import open_carrier, parse_uri, schemes
 from vmsgamp.carriers._hw import (
@@ -37,12 +39,19 @@ LOCAL_SCHEMES = ("uio", "pci", "vfio", "shm", "file", "fd", "memfd")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("doctor",
-                       help="check UIO/PCI/VFIO devices, permissions and what a URI needs")
-    p.add_argument("uri", nargs="?", help="a region URI to check (uio:..., pci:..., vfio:...)")
+    p = add_command(sub, "doctor",
+                    help="check UIO/PCI/VFIO devices, permissions and what a URI needs",
+                    description="Report what this machine offers for the hardware carriers (UIO "
+                                "devices, PCI devices bound to uio_pci_generic or vfio-pci, "
+                                "permissions, kernel modules, IOMMU) and, for a URI, each step "
+                                "the commands need to open it: ok, missing or fail, and why.  "
+                                "Exit 1 when the URI cannot be used as it is.  Nothing is created "
+                                "and no ivshmem server is joined.")
+    p.add_argument("uri", nargs="?", help="a region URI to check (uio:, pci:, vfio:, ivshmem:, "
+                                          "shm:, file:, a path)")
     p.add_argument("--no-open", action="store_true",
                    help="do not try to open the URI after the checks")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_json_arg(p, "the report")
     p.set_defaults(func=run)
 
 
@@ -153,6 +162,10 @@ def check_uri(uri: str, sroot: str, droot: str, *, try_open: bool = True) -> lis
 
         return check_vmsg_lb(checks, uri, target, opts, sroot, droot, try_open=try_open)
     good = True
+    if scheme == "ivshmem":
+        return _check_ivshmem(checks, target)
+    if scheme in ("shm", "file") and _truthy(opts.get("create")):
+        return _check_create(checks, scheme, target, opts)
     if scheme == "uio":
         good = _check_uio(checks, target, opts, sroot, droot)
     elif scheme in ("pci", "vfio"):
@@ -172,10 +185,109 @@ def check_uri(uri: str, sroot: str, droot: str, *, try_open: bool = True) -> lis
                 wait = "interrupt" if getattr(c.doorbell, "can_wait", False) else "polling"
                 _check(checks, "open", OK, f"opened: {c.region.size:#x} bytes, doorbell "
                        f"{bell} ({wait})")
+                _check_size(checks, c.region.size, c.offset)
         except Exception as e:  # report, never crash: this is a diagnostic
             _check(checks, "open", FAIL, f"{type(e).__name__}: {e}")
     elif not good:
         _check(checks, "open", MISSING, "not attempted: fix the checks above first")
+    return checks
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.strip().lower() not in ("0", "no", "false", "off")
+
+
+# The smallest window the AMP layouts work in (layout B's default; layout A's
+# two 4 KiB queues): what `serve`, `devices`... need from the layout offset.
+MIN_WINDOW = 8192
+
+
+def _check_size(checks: list[dict[str, Any]], size: int, offset: int) -> bool:
+    need = offset + MIN_WINDOW
+    if size < need:
+        return _check(checks, "size", FAIL, f"region too small: {size} bytes, the AMP layouts "
+                      f"need {need}" + (f" (offset {offset:#x} + 8 KiB)" if offset else " (8 KiB)"))
+    return _check(checks, "size", OK, f"{size} bytes, enough for the AMP layouts")
+
+
+def _listening_unix_sockets() -> set[str] | None:
+    """Paths of listening UNIX sockets (/proc/net/unix), None if unreadable."""
+    try:
+        with open("/proc/net/unix") as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    out = set()
+    for line in lines:
+        parts = line.split()
+        # Num RefCount Protocol Flags Type St Inode Path; flags 00010000 = accepting
+        if len(parts) >= 8 and int(parts[3], 16) & 0x10000:
+            out.add(parts[7])
+    return out
+
+
+def _check_ivshmem(checks: list[dict[str, Any]], target: str) -> list[dict[str, Any]]:
+    """What joining would fail on, without joining (a peer that connects is
+    announced to every other peer, so doctor does not connect)."""
+    path = os.path.abspath(target)
+    start = f"start one with: vmsgamp ivshmem-server {target}"
+    if not os.path.lexists(path):
+        _check(checks, "socket", MISSING, f"no ivshmem server socket at {path} ({start})")
+    elif os.path.isdir(path):
+        _check(checks, "socket", FAIL, f"{path} is a directory, not a socket (give the socket's "
+               f"path, e.g. {path.rstrip('/')}/ivshmem.sock)")
+    elif not stat.S_ISSOCK(os.stat(path).st_mode):
+        _check(checks, "socket", FAIL, f"{path} is not a socket")
+    elif not os.access(path, os.R_OK | os.W_OK):
+        _check(checks, "socket", FAIL, f"{path}: no read/write access for us (connect needs write)")
+    else:
+        listening = _listening_unix_sockets()
+        if listening is None:
+            _check(checks, "socket", OK, f"{path} is a socket (cannot read /proc/net/unix to "
+                   f"see whether a server listens)")
+        elif path in listening or target in listening:
+            _check(checks, "socket", OK, f"{path}: a server is listening")
+        else:
+            _check(checks, "socket", FAIL, f"nothing is listening on {path} (a stale socket: "
+                   f"the server has stopped; {start})")
+    _check(checks, "open", INFO, "ivshmem: not joined by doctor (a new peer is announced to "
+           "every other peer)")
+    return checks
+
+
+def _check_create(checks: list[dict[str, Any]], scheme: str, target: str,
+                  opts: dict[str, str]) -> list[dict[str, Any]]:
+    """create=1 fails when the object is already there; never create it here."""
+    from vmsgamp.carriers._registry import parse_size, shm_path
+
+    try:
+        path = shm_path(target) if scheme == "shm" else target.removeprefix("//")
+    except ValueError as e:
+        _check(checks, "name", FAIL, str(e))
+        return checks
+    what = f"shm:{target}" if scheme == "shm" else path
+    if os.path.lexists(path):
+        _check(checks, "create", FAIL, f"{what} already exists, so create=1 would fail: remove it "
+               f"(rm {path}), or open it without create=1; add unlink=1 to remove it when the "
+               f"creating process ends")
+    elif not os.access(os.path.dirname(path) or ".", os.W_OK):
+        _check(checks, "create", FAIL, f"cannot create {path}: no write access to its directory")
+    else:
+        _check(checks, "create", OK, f"{what} does not exist yet: create=1 will create it")
+    try:
+        size = parse_size(opts["size"]) if opts.get("size") else 0
+    except ValueError as e:
+        _check(checks, "size", FAIL, str(e))
+        return checks
+    if not size:
+        _check(checks, "size", FAIL, "create=1 needs size= (e.g. size=1M)")
+    else:
+        offset = int(opts.get("offset", "0"), 0) if opts.get("offset", "0").strip() else 0
+        _check_size(checks, size, offset)
+    if not _truthy(opts.get("unlink")):
+        _check(checks, "unlink", INFO, "without unlink=1 the object stays after the creating "
+               "process ends, and a second create=1 fails")
+    _check(checks, "open", INFO, "not created by doctor")
     return checks
 
 
@@ -339,13 +451,12 @@ def _human(r: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     report = collect(args.uri, try_open=not args.no_open)
-    if args.json:
-        print(json.dumps(report, sort_keys=True))
-    else:
-        print(_human(report))
-    sys.stdout.flush()
+    error = None
     if args.uri is not None and not report["ok"]:
         bad = next(c for c in report["checks"] if c["status"] not in (OK, INFO))
-        print(f"vmsgamp doctor: error: {args.uri}: {bad['check']}: {bad['why']}", file=sys.stderr)
-        return 1
+        error = f"{args.uri}: {bad['check']}: {bad['why']}"
+        report["error"] = error
+    emit(args, report, _human(report))
+    if error:
+        raise CliError(error)
     return 0

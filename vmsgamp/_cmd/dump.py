@@ -7,7 +7,7 @@ import argparse
 import struct
 from typing import Any
 
-from vmsgamp._cmd._common import add_endpoint_args, emit
+from vmsgamp._cmd._common import add_command, add_endpoint_args, emit
 from vmsgamp._core.fifo import PLACEMENTS, read_layout, state_name, validate_layout
 from vmsgamp.carriers import open_carrier
 from vmsgamp.errors import LayoutError
@@ -17,7 +17,11 @@ FLAGS = {0x8000: "DEBUGGABLE", 0x4000: "WAITING", 0x2000: "SUPPRESS"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dump", help="read-only view of the layout, queue heads and pending messages")
+    p = add_command(sub, "dump", help="read-only view of the layout, queue heads and pending messages",
+                    description="Show a region's AMP layout, both queue heads and the messages "
+                                "really waiting in each direction, decoded (slots of a session that "
+                                "ended are not messages and are not listed).  Writes nothing to "
+                                "shared memory; joins an ivshmem server as a peer without waiting.")
     add_endpoint_args(p)
     p.set_defaults(func=run)
 
@@ -66,11 +70,33 @@ def dump_b(region, base: int, window: int, args) -> dict[str, Any]:
     dev = _head(region, base + lay["dev_queue_head_offset"])
     drv = _head(region, base + lay["drv_queue_head_offset"])
     out["device_head"], out["driver_head"] = dev, drv
-    out["device_to_driver"] = _pending(region, base + lay["dev_queue_elements_offset"], n, sz,
-                                       drv["head"], dev["tail"], args)
-    out["driver_to_device"] = _pending(region, base + lay["drv_queue_elements_offset"], n, sz,
-                                       dev["head"], drv["tail"], args)
+    for name, producer, consumer, elems in (
+            ("device_to_driver", dev, drv, lay["dev_queue_elements_offset"]),
+            ("driver_to_device", drv, dev, lay["drv_queue_elements_offset"])):
+        why = _not_pending(producer, consumer)
+        if why is None:
+            out[name] = _pending(region, base + elems, n, sz, consumer["head"], producer["tail"], args)
+        else:
+            out[name] = []
+            out[name + "_note"] = why
     return out
+
+
+def _not_pending(producer: dict[str, Any], consumer: dict[str, Any]) -> str | None:
+    """Why the slots between the consumer's head and the producer's tail are
+    not messages waiting (None when they are).
+
+    They wait only while the consumer runs (it will read them) and the
+    producer runs or has just shut down (what it published before SHUTDOWN
+    is still delivered).  Otherwise an index was reset by a handshake or
+    belongs to a session that ended: the slots hold leftovers."""
+    if consumer["state"] != "RUN":
+        return (f"nothing pending: the consumer is in {consumer['state']}; "
+                f"the slots hold leftovers of an earlier session")
+    if producer["state"] not in ("RUN", "SHUTDOWN"):
+        return (f"nothing pending: the producer is in {producer['state']} (its index was "
+                f"reset); the slots hold leftovers of an earlier session")
+    return None
 
 
 def dump_a(region, base: int, args) -> dict[str, Any]:
@@ -105,6 +131,9 @@ def _human(d: dict[str, Any]) -> str:
             lines.append(f"  {name.replace('_', ' ')} block @{ix['offset']:#x}: head {ix['head']} tail {ix['tail']}")
     for name in ("driver_to_device", "device_to_driver"):
         msgs = d[name]
+        if name + "_note" in d:
+            lines.append(f"  {name.replace('_', ' ')}: {d[name + '_note']}")
+            continue
         lines.append(f"  {name.replace('_', ' ')}: {len(msgs)} pending")
         for m in msgs:
             if "error" in m:

@@ -9,36 +9,43 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
 
-from vmsgamp.cli import CliError
+from vmsgamp._cmd._args import add_command, positive_float
+from vmsgamp._cmd._output import add_json_arg, emit
+from vmsgamp._cmd._process import start_child, stop_child
+from vmsgamp.cli import CliError, cleanup_shield
 
 DEFAULT_DEVICES = "rng,console:echo,i2c:sim,gpio:lines=8;loopback=0:1"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("emulate", help="run a device process and a driver process on this machine "
-                                       "and exercise every device")
+    p = add_command(sub, "emulate",
+                    help="run a whole AMP system on this machine and exercise every device",
+                    description="Start an ivshmem server, a device process (`vmsgamp serve` with "
+                                "the device models) and run the driver side here: enumerate, "
+                                "exercise every device, ping the bus and report rates.  Everything "
+                                "it started is stopped and removed on exit, Ctrl-C included.")
     p.add_argument("--devices", default=None, metavar="LIST",
                    help=f"device list as for serve (default: {DEFAULT_DEVICES}, minus types not built)")
-    p.add_argument("--duration", type=float, default=0.5, help="seconds per throughput test")
-    p.add_argument("--layout", choices=["b", "a"], default="b")
+    p.add_argument("--duration", type=positive_float, default=0.5, metavar="S",
+                   help="seconds per throughput test")
+    p.add_argument("--layout", choices=["b", "a"], default="b",
+                   help="FIFO layout: b = vmamp_shmem, a = spsc_queue")
     p.add_argument("--packed", choices=["auto", "on", "off"], default="auto",
                    help="virtqueue format (auto: packed when the device offers it)")
     p.add_argument("--trace", metavar="FILE.pcapng", default=None,
                    help="capture both ends: the driver end to FILE.pcapng, the device end to "
                         "FILE.device.pcapng")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--coprocessor", choices=["m4"], default=None,
                    help="serve the devices from the C kit's firmware on an emulated Cortex-M4 "
                         "(QEMU mps2-an386) instead of a vmsgamp process")
     p.add_argument("--m4-doorbell", choices=["uart", "poll"], default="uart",
-                   help="with --coprocessor m4: ring through the M4's UART (default) or poll")
+                   help="with --coprocessor m4: ring through the M4's UART, or poll")
+    add_json_arg(p, "the report")
     p.set_defaults(func=run)
 
 
@@ -76,25 +83,29 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="vmsgamp-emulate-") as tmp:
         sock = os.path.join(tmp, "ivshmem.sock")
         server = IvshmemServer(sock, 4 << 20)
-        server.start_thread()
-        tracer = open_tracer(args.trace)
-        trace_args = ["--trace", device_trace_path(args.trace)] if args.trace else []
-        child = subprocess.Popen(
-            [sys.executable, "-m", "vmsgamp", "serve", "--region", f"ivshmem:{sock}",
-             "--devices", devices, "--layout", args.layout, "--json", *trace_args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        carrier = fifo = bus = drv = None
+        child = carrier = fifo = bus = drv = tracer = None
         try:
-            line = child.stdout.readline()
+            server.start_thread()
+            tracer = open_tracer(args.trace)
+            trace_args = ["--trace", device_trace_path(args.trace)] if args.trace else []
+            child = start_child(["serve", "--region", f"ivshmem:{sock}", "--devices", devices,
+                                 "--layout", args.layout, "--json", *trace_args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            line = child.stdout.readline() if child.stdout else ""
             if not line:
-                err = child.stderr.read().strip().splitlines()
-                raise CliError(f"device process failed: {err[-1] if err else 'no output'}")
+                _, err = stop_child(child)
+                lines = err.strip().splitlines()
+                raise CliError(f"device process failed: {lines[-1] if lines else 'no output'}")
             served = json.loads(line)
+            if "error" in served:
+                stop_child(child)
+                raise CliError(f"device process failed: {served['error']}")
             report["device_process"] = {"pid": child.pid, "devices": served["devices"]}
             t0 = time.perf_counter()
             carrier = open_carrier(f"ivshmem:{sock}", timeout=10)
             fifo = MsgFifo(carrier.region, role="driver", layout=args.layout, doorbell=carrier.doorbell)
             bus = AmpBus(fifo, DriverConnection(), tracer=tracer, trace_name=f"ivshmem:{sock}")
+            bus.watch_carrier(carrier)     # the device process dying ends the session at once
             bus.start(10)
             drv = AmpDriver(bus, RegionAllocator(carrier.region, 16384), timeout=5)
             nums = drv.enumerate()
@@ -115,33 +126,36 @@ def run(args: argparse.Namespace) -> int:
             report["ping"] = drv.ping(200)
             report["bus"] = bus.stats()
         finally:
-            if drv is not None:
-                drv.close()
-            if tracer is not None:
-                report["trace"] = {"driver": close_tracer(tracer, bus),
-                                   "device": {"file": device_trace_path(args.trace)}}
-            if bus is not None:
-                bus.close()
-            elif fifo is not None:
-                fifo.close()
-            if carrier is not None:
-                carrier.close()
-            child.send_signal(signal.SIGTERM)
-            try:
-                _, err = child.communicate(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                _, err = child.communicate()
-            report["device_process"] = report.get("device_process", {}) | {"exit_code": child.returncode}
-            if args.trace and "trace" in report:
-                report["trace"]["device"] = _capture_counts(device_trace_path(args.trace))
-            server.close()
+            with cleanup_shield():
+                if drv is not None:
+                    drv.close()
+                if tracer is not None:
+                    report["trace"] = {"driver": close_tracer(tracer, bus),
+                                       "device": {"file": device_trace_path(args.trace)}}
+                if bus is not None:
+                    bus.close()
+                elif fifo is not None:
+                    fifo.close()
+                if carrier is not None:
+                    carrier.close()
+                if child is not None:
+                    stop_child(child)
+                    report["device_process"] = (report.get("device_process", {})
+                                                | {"exit_code": child.returncode})
+                if args.trace and "trace" in report:
+                    report["trace"]["device"] = _capture_counts(device_trace_path(args.trace))
+                server.close()
     failed = [d for d in report.get("devices", []) if "error" in d.get("result", {})]
-    if args.json:
-        print(json.dumps(report, sort_keys=True, default=str))
-    else:
-        print(_human(report))
-    return 1 if failed or report["device_process"].get("exit_code") not in (0, None) else 0
+    code = report["device_process"].get("exit_code")
+    if failed:
+        report["error"] = f"{len(failed)} device(s) failed: " + ", ".join(
+            f"[{d['dev_num']}] {d['name']}: {d['result']['error']}" for d in failed)
+    elif code not in (0, None):
+        report["error"] = f"the device process exited with {code}"
+    emit(args, report, _human(report))
+    if "error" in report:
+        raise CliError(report["error"])
+    return 0
 
 
 def _capture_counts(path: str) -> dict[str, Any]:

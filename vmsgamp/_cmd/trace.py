@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from vmsgamp.cli import CliError
+from vmsgamp.cli import CliError, UsageError
 
 _JSON_HELP = ("JSON Lines on stdout, one object per line: {\"record\": \"message\", time_ns, direction, "
               "interface, profile, hex, and the `vmsgamp decode --json` fields}, {\"record\": \"missed\", "
@@ -217,14 +217,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"dissector_path": path}) if args.json else path)
         return 0
     if not args.region:
-        print("vmsgamp trace: error: --region is required (or --dissector-path)", file=sys.stderr)
-        return 2
+        raise UsageError("--region is required (or --dissector-path)")
     if args.count is not None and args.count < 1:
-        print("vmsgamp trace: error: --count must be at least 1", file=sys.stderr)
-        return 2
+        raise UsageError("--count must be at least 1")
     if args.duration is not None and args.duration <= 0:
-        print("vmsgamp trace: error: --duration must be positive", file=sys.stderr)
-        return 2
+        raise UsageError("--duration must be positive")
     from vmsgamp.trace import Missed, Notice, Observer, Tracer, interface_name
 
     region, offset = _open_region(args)

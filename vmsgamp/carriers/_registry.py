@@ -147,9 +147,7 @@ class Carrier:
     def detach_region(self) -> Region:
         """Hand the region over to the caller and close everything else;
         the caller then owns the region (and must close it)."""
-        if self._region is None:
-            raise ValueError(f"{self.uri}: the region was already detached or closed")
-        region, self._region = self._region, None
+        region, self._region = self.region, None
         self.close()
         return region
 

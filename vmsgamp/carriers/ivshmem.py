@@ -478,6 +478,14 @@ class IvshmemClient:
             raise FileNotFoundError(e.errno, f"no ivshmem server socket at {path} "
                                     f"(start one with: vmsgamp ivshmem-server {path})") from None
         except ConnectionRefusedError as e:
+            # connect() says "refused" for a directory or a plain file too.
+            if os.path.isdir(path):
+                raise IsADirectoryError(e.errno, f"{path} is a directory, not an ivshmem server "
+                                        f"socket (give the socket's path, e.g. {path.rstrip('/')}"
+                                        f"/ivshmem.sock)") from None
+            if os.path.exists(path) and not stat.S_ISSOCK(os.stat(path).st_mode):
+                raise ConnectionRefusedError(e.errno, f"{path} is not a socket (an ivshmem server "
+                                             f"listens on a UNIX socket)") from None
             raise ConnectionRefusedError(e.errno, f"nothing is listening on {path} "
                                          f"(a stale socket? is the ivshmem server running?)") from None
         except (socket.timeout, TimeoutError):

@@ -157,18 +157,26 @@ class VirtioDevice:
 
 # ---- registry for `--devices TYPE:key=value;...` ---------------------------------
 
-_REGISTRY: dict[str, tuple[Callable[..., VirtioDevice], dict[str, str]]] = {}
+_REGISTRY: dict[str, tuple[Callable[..., VirtioDevice], dict[str, str], str | None]] = {}
 
 
-def register_device(type_name: str, factory: Callable[..., VirtioDevice], keys: dict[str, str]) -> None:
+def register_device(type_name: str, factory: Callable[..., VirtioDevice], keys: dict[str, str],
+                    *, path_key: str | None = None) -> None:
     """Make ``type_name`` usable in ``--devices``; ``keys`` maps each accepted
-    option to a one-line help text."""
-    _REGISTRY[type_name] = (factory, keys)
+    option to a one-line help text.  ``path_key`` names the option a bare
+    path stands for (``blk:disk.img`` = ``blk:file=disk.img``)."""
+    _REGISTRY[type_name] = (factory, keys, path_key)
 
 
 def device_types() -> dict[str, dict[str, str]]:
     _load_builtin()
-    return {name: keys for name, (_, keys) in sorted(_REGISTRY.items())}
+    return {name: keys for name, (_, keys, _p) in sorted(_REGISTRY.items())}
+
+
+def device_path_keys() -> dict[str, str]:
+    """type -> the option a bare path stands for, for the types that have one."""
+    _load_builtin()
+    return {name: p for name, (_, _k, p) in sorted(_REGISTRY.items()) if p}
 
 
 def _load_builtin() -> None:
@@ -182,26 +190,91 @@ def _load_builtin() -> None:
                 raise
 
 
+class DeviceSpecError(ValueError):
+    """A ``--devices`` item is wrong; the message names the item and, where
+    it can, the option."""
+
+
+def parse_device_spec(item: str) -> tuple[str, dict[str, str]]:
+    """``TYPE[:OPTIONS]`` -> (type, options), checked against the registry.
+
+    OPTIONS are ``key=value`` separated by ``;``; a bare word is a flag
+    (``console:pty`` = ``console:pty=1``), except that for a type with a
+    path option a first bare word that is not one of its keys is that path
+    (``blk:disk.img``, ``rng:/dev/hwrng``).  Unknown types or keys raise
+    DeviceSpecError listing what exists."""
+    _load_builtin()
+    type_name, _, opts = item.strip().partition(":")
+    if type_name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise DeviceSpecError(f"unknown device type {type_name!r}; known types: {known}")
+    _factory, keys, path_key = _REGISTRY[type_name]
+    kwargs: dict[str, str] = {}
+    for i, opt in enumerate(filter(None, (o.strip() for o in opts.split(";")))):
+        key, eq, value = opt.partition("=")
+        if not eq and i == 0 and path_key is not None and key not in keys:
+            key, value, eq = path_key, opt, "="
+        if key not in keys:
+            known = ", ".join(sorted(keys)) or "none"
+            hint = f" (a bare path means {path_key}=PATH only as the first option)" if path_key else ""
+            raise DeviceSpecError(f"{type_name}: no option {key!r}; options: {known}{hint}")
+        kwargs[key] = value if eq else "1"
+    return type_name, kwargs
+
+
+def build_device(item: str) -> VirtioDevice:
+    """One device model from a ``--devices`` item; a bad option value
+    raises DeviceSpecError (an OSError of the same type for a file that
+    cannot be opened) naming the device and the option."""
+    type_name, kwargs = parse_device_spec(item)
+    factory = _REGISTRY[type_name][0]
+    try:
+        return factory(**kwargs)
+    except OSError as e:
+        # keep the type (FileNotFoundError, PermissionError...) for callers
+        raise type(e)(e.errno, _option_error(type_name, kwargs, e)) from None
+    except (ValueError, TypeError) as e:
+        raise DeviceSpecError(_option_error(type_name, kwargs, e)) from None
+
+
+def _option_error(type_name: str, kwargs: dict[str, str], e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        text = e.strerror[0].lower() + e.strerror[1:]
+    else:
+        text = str(e)
+        if text.startswith("invalid literal for int()"):
+            text = "not an integer: " + text.rpartition(": ")[2]
+        elif text.startswith("could not convert string to float"):
+            text = "not a number: " + text.rpartition(": ")[2]
+    for prefix in (f"{type_name}: ", f"{type_name} "):
+        text = text.removeprefix(prefix)
+    culprit = None
+    for key, value in kwargs.items():
+        if (isinstance(e, OSError) and e.filename == value) or f"'{value}'" in text \
+                or text.startswith(f"{key} ") or f"{key}=" in text:
+            culprit = key
+            break
+    if culprit is None and len(kwargs) == 1 and (isinstance(e, OSError) or text.startswith("not a")):
+        culprit = next(iter(kwargs))
+    if culprit is not None:
+        return f"{type_name}: {culprit}={kwargs[culprit]}: {text}"
+    return f"{type_name}: {text}"
+
+
 def parse_device_list(spec: str) -> list[VirtioDevice]:
     """``rng:source=/path,console:pty,i2c:sim,gpio:lines=8`` -> models, in
-    order (device numbers are assigned in this order).  An item is
-    ``TYPE[:key=value[;key=value]]``; a bare word after the colon is a flag
-    (``console:pty`` means ``console:pty=1``).  Unknown types or keys raise
-    ValueError listing what exists."""
-    _load_builtin()
+    order (device numbers are assigned in this order); each item as
+    :func:`parse_device_spec` reads it.  Models built before a bad item are
+    closed again."""
     devices: list[VirtioDevice] = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        type_name, _, opts = item.partition(":")
-        if type_name not in _REGISTRY:
-            known = ", ".join(sorted(_REGISTRY)) or "none"
-            raise ValueError(f"unknown device type {type_name!r}; known types: {known}")
-        factory, keys = _REGISTRY[type_name]
-        kwargs: dict[str, str] = {}
-        for opt in filter(None, (o.strip() for o in opts.split(";"))):
-            key, eq, value = opt.partition("=")
-            if key not in keys:
-                known = ", ".join(sorted(keys)) or "none"
-                raise ValueError(f"device {type_name!r} has no option {key!r}; options: {known}")
-            kwargs[key] = value if eq else "1"
-        devices.append(factory(**kwargs))
+    try:
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+        for item in items:
+            parse_device_spec(item)          # every item's grammar first: no pty opened in vain
+        for item in items:
+            devices.append(build_device(item))
+    except BaseException:
+        for d in devices:
+            d.close()
+        raise
     return devices

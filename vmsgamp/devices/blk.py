@@ -328,4 +328,4 @@ def _factory(file: str | None = None, readonly: str | None = None, queues: str |
 register_device("blk", _factory, {"file": "disk image file (required)",
                                   "readonly": "expose the disk read-only (VIRTIO_BLK_F_RO)",
                                   "queues": "number of request queues (VIRTIO_BLK_F_MQ)",
-                                  "serial": "GET_ID string (20 bytes max)"})
+                                  "serial": "GET_ID string (20 bytes max)"}, path_key="file")

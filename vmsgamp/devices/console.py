@@ -22,24 +22,27 @@ blocking the serving loop: what the backend cannot take at once waits in a
 bounded buffer (``tx_limit``), beyond which bytes are dropped and counted in
 ``tx_dropped`` (as QEMU does for an unconnected pty).
 
-The size field-order trap (see docs/ecosystem-notes.md 5.2).  Two places
-carry (cols, rows):
+The size field order (see docs/console.md).  Two places carry (cols, rows):
 
 * the configuration space (non-multiport resize, SIZE feature).  Linux reads
   it by field name from ``struct virtio_console_config {cols; rows; ...}``,
   i.e. cols at offset 0, rows at offset 2, as virtio <= 1.3 says; the
-  virtio-1.4 branch (commit 5187698) lists ``rows; cols`` instead;
+  virtio-1.4 branch lists ``rows; cols`` instead;
 * the VIRTIO_CONSOLE_RESIZE control message (multiport).  The spec says
-  ``{cols; rows}`` but Linux has read ``{rows; cols}`` since 2010 (5326ab737a47
-  switched it to the spec order in 6.15 and was reverted in 6.17).
+  ``{cols; rows}``, and so does Linux since "virtio_console: fix order of
+  fields cols and rows" (mainline, and Debian's 6.1 since 6.1.162).  Older
+  kernels read ``{rows; cols}``.  Measured with the Linux virtio-msg driver
+  stack and the stock virtio_console driver of Debian 6.1.192: a multiport
+  console configured ``rows=24;cols=80`` showed ``stty size`` = ``80 24``
+  with the old-kernel order, ``24 80`` with the spec order.
 
 ``size_order`` picks the layout of both:
 
 =============  ==============  =============
 size_order     config space    RESIZE message
 =============  ==============  =============
-``linux``      cols, rows      rows, cols      (default; Linux and QEMU)
-``spec``       cols, rows      cols, rows      (virtio 1.0-1.3 text)
+``spec``       cols, rows      cols, rows      (default; virtio 1.0-1.3, current Linux)
+``old-linux``  cols, rows      rows, cols      (Linux before the fix above)
 ``spec-1.4``   rows, cols      cols, rows      (virtio-1.4 branch text)
 =============  ==============  =============
 """
@@ -87,10 +90,22 @@ EMERG_WR_OFFSET = 8
 
 # (config space order, RESIZE message order): True = cols first.
 SIZE_ORDERS: dict[str, tuple[bool, bool]] = {
-    "linux": (True, False),
     "spec": (True, True),
+    "old-linux": (True, False),
     "spec-1.4": (False, True),
 }
+DEFAULT_SIZE_ORDER = "spec"
+
+
+def check_size_order(size_order: str) -> str:
+    """``size_order`` if known, else ValueError saying what exists."""
+    if size_order == "linux":     # the old default's name: say what it became
+        raise ValueError("size_order 'linux' is now 'old-linux' (kernels before \"virtio_console: "
+                         "fix order of fields cols and rows\"); current Linux reads the spec "
+                         "order, the default 'spec'")
+    if size_order not in SIZE_ORDERS:
+        raise ValueError(f"size_order {size_order!r}: one of {', '.join(SIZE_ORDERS)}")
+    return size_order
 
 CONTROL_RX_QUEUE = 2
 CONTROL_TX_QUEUE = 3
@@ -532,10 +547,9 @@ class ConsoleDevice(VirtioDevice):
 
     def __init__(self, ports: ConsoleBackend | ConsolePort | Iterable[ConsoleBackend | ConsolePort] | None = None,
                  *, rows: int | None = None, cols: int | None = None, max_nr_ports: int | None = None,
-                 emerg_write: bool = True, size_order: str = "linux", rx_limit: int = 1 << 16,
+                 emerg_write: bool = True, size_order: str = DEFAULT_SIZE_ORDER, rx_limit: int = 1 << 16,
                  control_limit: int = 256) -> None:
-        if size_order not in SIZE_ORDERS:
-            raise ValueError(f"size_order {size_order!r}: one of {', '.join(SIZE_ORDERS)}")
+        check_size_order(size_order)
         if ports is None:
             ports = [PtyBackend()]
         elif isinstance(ports, (ConsoleBackend, ConsolePort)):
@@ -953,7 +967,7 @@ def _backend_from_options(pty: str | None, stdio: str | None, socket_path: str |
 
 def _factory(pty: str | None = None, stdio: str | None = None, socket: str | None = None,
              rows: str | None = None, cols: str | None = None, ports: str | None = None,
-             size_order: str = "linux", name: str | None = None, echo: str | None = None) -> ConsoleDevice:
+             size_order: str = DEFAULT_SIZE_ORDER, name: str | None = None, echo: str | None = None) -> ConsoleDevice:
     backend = _backend_from_options(pty, stdio, socket, echo)
     nports = int(ports) if ports else 1
     if nports < 1:
@@ -979,6 +993,7 @@ register_device("console", _factory, {
     "rows": "console rows (offers VIRTIO_CONSOLE_F_SIZE with cols)",
     "cols": "console columns (offers VIRTIO_CONSOLE_F_SIZE with rows)",
     "ports": "number of ports (>1 offers MULTIPORT; ports 1.. are ptys)",
-    "size_order": "layout of rows/cols: linux (default), spec or spec-1.4",
+    "size_order": "order of cols/rows: spec (default; current Linux), old-linux (RESIZE as rows, "
+                  "cols: kernels before 'virtio_console: fix order of fields cols and rows') or spec-1.4",
     "name": "port 0 name sent with PORT_NAME (multiport)",
 })

@@ -27,9 +27,9 @@ from collections.abc import Callable
 from typing import Any
 
 from vmsgamp.devices.console import (
-    CONSOLE_PORT, CONTROL, CONTROL_RX_QUEUE, CONTROL_TX_QUEUE, DEVICE_READY, PORT_ADD, PORT_NAME,
-    PORT_OPEN, PORT_READY, PORT_REMOVE, RESIZE, SIZE_ORDERS, VIRTIO_CONSOLE_F_MULTIPORT,
-    VIRTIO_CONSOLE_F_SIZE, port_queues,
+    CONSOLE_PORT, CONTROL, CONTROL_RX_QUEUE, CONTROL_TX_QUEUE, DEFAULT_SIZE_ORDER, DEVICE_READY,
+    PORT_ADD, PORT_NAME, PORT_OPEN, PORT_READY, PORT_REMOVE, RESIZE, SIZE_ORDERS,
+    VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE, VIRTIO_ID_CONSOLE, check_size_order, port_queues,
 )
 
 __all__ = ["ConsoleClient", "ConsolePortStream", "ConsoleStreamWriter", "open_console_streams"]
@@ -202,10 +202,9 @@ class ConsoleClient:
     ``size_order`` must match the device's (see vmsgamp.devices.console)."""
 
     def __init__(self, dev: Any, *, rx_buffers: int = 8, tx_buffers: int = 8, buffer_size: int = 4096,
-                 max_buffered: int = 1 << 16, timeout: float | None = None, size_order: str = "linux",
-                 ready_timeout: float | None = None) -> None:
-        if size_order not in SIZE_ORDERS:
-            raise ValueError(f"size_order {size_order!r}: one of {', '.join(SIZE_ORDERS)}")
+                 max_buffered: int = 1 << 16, timeout: float | None = None,
+                 size_order: str = DEFAULT_SIZE_ORDER, ready_timeout: float | None = None) -> None:
+        check_size_order(size_order)
         self.dev = dev
         self.timeout = dev.drv.timeout if timeout is None else timeout
         self.size_order = size_order
@@ -234,6 +233,19 @@ class ConsoleClient:
                 self._wait(lambda: 0 in self.ports, self.timeout if ready_timeout is None else ready_timeout)
             else:
                 self._add_port(0)
+
+    @classmethod
+    def open(cls, driver: Any, dev_num: int, *, packed: bool | None = None,
+             **kw: Any) -> "ConsoleClient":
+        """Probe ``dev_num`` on ``driver`` (an AmpDriver), taking SIZE and
+        MULTIPORT when offered, and wrap it."""
+        from vmsgamp.errors import VmsgampError
+
+        info = driver.info(dev_num)
+        if info.device_id != VIRTIO_ID_CONSOLE:
+            raise VmsgampError(f"device {dev_num} is {info.name}, not console")
+        wanted = info.features & (1 << VIRTIO_CONSOLE_F_SIZE | 1 << VIRTIO_CONSOLE_F_MULTIPORT)
+        return cls(driver.open(dev_num, features=wanted, packed=packed), **kw)
 
     # ---- ports ------------------------------------------------------------------------------
     def port(self, port_id: int = 0, timeout: float | None = None) -> ConsolePortStream:

@@ -763,4 +763,4 @@ register_device("gpio", _factory, {
     "loopback": "wire simulated outputs to inputs, OUT:IN pairs separated by '|' (e.g. 0:1)",
     "irq": "offer VIRTIO_GPIO_F_IRQ (default 1)",
     "chip": "pass through a Linux gpiochip: N for /dev/gpiochipN, or a path",
-})
+}, path_key="chip")

@@ -583,4 +583,4 @@ register_device("i2c", _factory, {
     "temp": "addresses of simulated LM75 sensors, '+'-separated (default 0x48; none to omit)",
     "celsius": "temperature the simulated sensors report (default 25.0)",
     "max_len": f"largest buffer per request in bytes (default {DEFAULT_MAX_LEN})",
-})
+}, path_key="dev")

@@ -129,4 +129,5 @@ def _factory(source: str | None = None) -> RngDevice:
 
 
 register_device("rng", _factory, {"source": "file or device to read entropy from (default os.urandom); "
-                                            "'zero' or 'pattern' for benchmarks (not entropy)"})
+                                            "'zero' or 'pattern' for benchmarks (not entropy)"},
+                path_key="source")

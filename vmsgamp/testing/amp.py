@@ -65,6 +65,9 @@ def amp_pair(factory: Callable[[], Sequence[VirtioDevice] | dict[int, VirtioDevi
         if pid == 0:  # device process
             code = 0
             try:
+                # Ctrl-C in a terminal reaches the whole process group: the
+                # parent handles it and stops this process with SIGTERM.
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
                 _serve(region, dev_bell, factory, layout, offer_packed, stop, server_hook)
             except BaseException:
@@ -81,23 +84,29 @@ def amp_pair(factory: Callable[[], Sequence[VirtioDevice] | dict[int, VirtioDevi
     fifo = MsgFifo(region, role="driver", layout=layout, doorbell=drv_bell)
     bus = AmpBus(fifo, DriverConnection())
     driver = AmpDriver(bus, RegionAllocator(region, DRIVER_MEMORY_START), timeout=timeout)
+    failed = True
     try:
         bus.start(timeout)
         yield driver
+        failed = False
     finally:
         try:
             driver.close()
         except Exception:
             pass
         fifo.close()
+        code = 0
         if pid:
             os.kill(pid, signal.SIGTERM)
             _, status = os.waitpid(pid, 0)
-            if os.waitstatus_to_exitcode(status) != 0:
-                raise RuntimeError(f"device process exited with {os.waitstatus_to_exitcode(status)}")
+            code = os.waitstatus_to_exitcode(status)
         else:
             stop.set()
             thread.join(5)
         dev_bell.close()
         drv_bell.close()
         region.close()
+        # Only when nothing else failed: an exception on its way out (Ctrl-C
+        # included) says more than the device process's exit status.
+        if code != 0 and not failed:
+            raise RuntimeError(f"device process exited with {code}")

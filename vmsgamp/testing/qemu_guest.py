@@ -1,7 +1,8 @@
 """Boot a tiny Linux guest in QEMU (TCG) that runs this machine's own Python.
 
 The guest is the Debian kernel plus a busybox initramfs built and cached by
-``tools/guest/build-guest.sh``; it mounts the host's root file system
+``build-guest.sh`` (shipped in the package beside this module, in
+``guest/``; ``tools/guest/build-guest.sh`` in a checkout runs the same); it mounts the host's root file system
 read-only over 9p and runs a shell script inside ``chroot /host``, so
 ``sys.executable`` and the installed (or in-tree) vmsgamp work in the guest
 unchanged.  Used by the carriers' end-to-end tests (``ivshmem-doorbell`` +
@@ -43,21 +44,31 @@ from typing import Any, Iterable, Sequence
 
 __all__ = [
     "GuestError", "GuestImage", "GuestResult", "QemuGuest", "QMP", "ensure_guest",
-    "qemu_available", "qemu_binary", "python_cmd", "build_script", "INSTALL_HINT",
+    "qemu_available", "qemu_binary", "python_cmd", "build_script", "take_reports", "INSTALL_HINT",
 ]
 
 QEMU = "qemu-system-x86_64"
 INSTALL_HINT = ("apt-get install -y qemu-system-x86 busybox-static cpio "
                 "(.ci/run does this when it runs as root)")
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-_SCRIPT_CANDIDATES = (
-    _REPO_ROOT / "tools" / "guest" / "build-guest.sh",
-)
+_BUILDER = Path(__file__).resolve().parent / "guest" / "build-guest.sh"
 _EXIT_MARK = "VMSGAMP-GUEST-EXIT"
 
 
 class GuestError(RuntimeError):
     """The guest could not be built, booted, or did not finish in time."""
+
+
+# What each guest closed since the last take_reports() left behind (QEMU's
+# stderr, the console tail): tests/conftest.py attaches it to the report of
+# every failed QEMU test, whatever failed.
+_REPORTS: list[str] = []
+
+
+def take_reports() -> list[str]:
+    """The logs of the guests closed since the last call, oldest first."""
+    out = list(_REPORTS)
+    _REPORTS.clear()
+    return out
 
 
 # ---- availability and the guest image --------------------------------------------------
@@ -78,15 +89,15 @@ def qemu_available() -> tuple[bool, str]:
 
 
 def build_script() -> Path:
-    """The image builder (``tools/guest/build-guest.sh``)."""
+    """The image builder (``guest/build-guest.sh`` beside this module;
+    ``VMSGAMP_GUEST_BUILDER`` overrides it)."""
     env = os.environ.get("VMSGAMP_GUEST_BUILDER")
     if env:
         return Path(env)
-    for cand in _SCRIPT_CANDIDATES:
-        if cand.is_file():
-            return cand
-    raise GuestError("tools/guest/build-guest.sh not found (vmsgamp is not run from its "
-                     "source tree; set VMSGAMP_GUEST_BUILDER to the script's path)")
+    if _BUILDER.is_file():
+        return _BUILDER
+    raise GuestError(f"the guest builder {_BUILDER} is missing from this installation "
+                     f"(reinstall vmsgamp, or set VMSGAMP_GUEST_BUILDER to build-guest.sh)")
 
 
 def cache_dir() -> Path:
@@ -268,6 +279,7 @@ class QemuGuest:
         self._qmp: QMP | None = None
         self._t0 = 0.0
         self._deadline: float | None = None
+        self._reported = False
 
     # paths in the shared directory
     @property
@@ -361,10 +373,46 @@ class QemuGuest:
                 raise GuestError("QMP did not come up:\n" + self._read("qemu.log")) from None
 
     def qmp(self, command: str, **arguments: Any) -> Any:
-        """Run a QMP command (needs ``qmp=True`` or ``paused=True``)."""
+        """Run a QMP command (needs ``qmp=True`` or ``paused=True``).  If
+        QEMU dies meanwhile, the GuestError carries its stderr and console."""
         if self._qmp is None:
             raise GuestError("no QMP connection (QemuGuest(qmp=True) and start() first)")
-        return self._qmp.execute(command, **arguments)
+        try:
+            return self._qmp.execute(command, **arguments)
+        except (OSError, GuestError) as e:
+            if self.proc is not None and not isinstance(e, GuestError):
+                try:
+                    self.proc.wait(timeout=5)     # QEMU is probably dying: let it finish its log
+                except subprocess.TimeoutExpired:
+                    pass
+            raise GuestError(f"QMP {command}: {type(e).__name__}: {e}\n"
+                             + self._snapshot().describe()) from None
+
+    def wait_chardev_connected(self, chardev: str, timeout: float = 30.0) -> None:
+        """Wait until QEMU itself counts the socket chardev ``chardev`` as
+        connected.
+
+        A client chardev with ``reconnect=N`` connects asynchronously: the
+        server's accept() returns as soon as the kernel has connected, but
+        QEMU marks the chardev connected (and able to pass fds) only when its
+        main loop runs the completion.  A vhost-user device plugged in
+        between fails to send its first message ("Failed to set msg fds."),
+        and QEMU 7.2's vhost-user-rng then aborts on a double error_setg.
+        ``query-chardev`` shows ``disconnected:`` in the filename until then.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            for c in self.qmp("query-chardev"):
+                if c.get("label") == chardev:
+                    if not c.get("filename", "").startswith("disconnected:"):
+                        return
+                    break
+            else:
+                raise GuestError(f"no chardev {chardev!r} in query-chardev")
+            if time.monotonic() > deadline:
+                raise GuestError(f"chardev {chardev!r} not connected within {timeout} s\n"
+                                 + self._snapshot().describe())
+            time.sleep(0.05)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -438,6 +486,10 @@ class QemuGuest:
             self._qmp.close()
             self._qmp = None
         self._terminate()
+        if self.proc is not None and not self._reported:
+            self._reported = True
+            _REPORTS.append(f"QEMU guest in {self.workdir} (QEMU exit status "
+                            f"{self.proc.returncode}):\n{self._snapshot().describe(tail=60)}")
         if getattr(self, "_qemu_log", None) is not None:
             self._qemu_log.close()
             self._qemu_log = None
