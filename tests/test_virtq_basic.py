@@ -13,7 +13,7 @@ from vmsgamp._core import virtq
 from vmsgamp._core.virtq import (
     ChainBatch, PackedQueue, PackedQueueDriver, SplitQueue, SplitQueueDriver,
 )
-from vmsgamp._vq_reference import need_event as ref_need_event
+from vmsgamp.testing.virtq_model import need_event as ref_need_event
 from vmsgamp.testing.virtq_mock import MockDevice, MockDriver
 
 

@@ -2,7 +2,7 @@
 
 :class:`MockDriver` lays out a split or packed virtqueue in a Region and
 writes descriptor chains into it exactly as a virtio driver would (it is the
-pure-Python reference driver of :mod:`vmsgamp._vq_reference` plus a buffer
+pure-Python reference driver of :mod:`vmsgamp.testing.virtq_model` plus a buffer
 pool), so a device model can be tested against real ring memory::
 
     drv = MockDriver(Region.memfd(1 << 20), "split", size=16)
@@ -24,7 +24,7 @@ from vmsgamp._core.region import Region
 from vmsgamp._core.virtq import (
     PackedQueue, PackedQueueDriver, SplitQueue, SplitQueueDriver, packed_area_sizes, split_area_sizes,
 )
-from vmsgamp._vq_reference import (
+from vmsgamp.testing.virtq_model import (
     RefChain, RefPackedDevice, RefPackedDriver, RefSplitDevice, RefSplitDriver,
 )
 
