@@ -1,11 +1,14 @@
-"""Pure-Python model of split and packed virtqueues: the test oracle.
+"""Pure-Python model of split and packed virtqueues: a test oracle.
 
-Written straight from the virtio 1.2 text (split-ring.tex, packed-ring.tex)
-with plain ints and ``struct``, no speed tricks, so it can be read against the
-spec.  Driver policy (free-list order, when to use an indirect table, when
-used_event is refreshed) is the same as vmsgamp._core.virtq, so a system of
-reference driver + reference device and a system of Cython driver + Cython
-device fed the same operations leave byte-identical rings.
+Written straight from the virtio 1.2 text ("Split Virtqueues", "Packed
+Virtqueues") with plain ints and ``struct``, no speed tricks and no code
+shared with the engine, so it can be read against the spec.  Driver policy
+(free-list order, when to use an indirect table, when used_event is
+refreshed) is the same as vmsgamp._core.virtq, so a system of reference
+driver + reference device and a system of Cython driver + Cython device fed
+the same operations leave byte-identical rings: tests/test_virtq_stateful.py
+drives both with hypothesis and compares.  Use it the same way to check
+your own ring code.
 
 Memory is anything with ``read(addr, n) -> bytes`` and ``write(addr, data)``
 (an AddressSpace, or :class:`BytesMemory`).  Single-threaded only: it uses
