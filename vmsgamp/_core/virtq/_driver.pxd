@@ -3,7 +3,7 @@
 # cdef methods _split.pyx and _packed.pyx override.
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from vmsgamp._core.addrspace cimport AddressSpace
-from vmsgamp._core.virtq._shared cimport _Virtqueue
+from vmsgamp._core.virtq._shared cimport _Virtqueue, vq_error, E_USED_ID, E_USED_LEN
 
 cdef class _Driver(_Virtqueue):
     # Per chain, indexed by its id (split: first descriptor index, packed:
@@ -28,7 +28,7 @@ cdef class _Driver(_Virtqueue):
     cdef _setup(self, AddressSpace aspace, unsigned size, uint64_t desc_addr, uint64_t driver_addr,
                 uint64_t device_addr, bint event_idx, bint indirect, indirect_addr, unsigned indirect_max,
                 bint packed)
-    cdef int _parse_sg(self, object out, object in_) except -1
+    cdef int _parse_sg(self, object out, object in_, uint32_t *in_len) except -1
     cdef int _store_token(self, unsigned id, object token) except -1
     cdef object _take_token(self, unsigned id)
     cdef void _write_table(self, char *table, int n, int nout, bint split) noexcept nogil
@@ -43,3 +43,14 @@ cdef class _Driver(_Virtqueue):
     cdef int _peek_used(self, unsigned *id, uint32_t *ln) noexcept nogil
     cdef void _consume(self, unsigned id) noexcept nogil
     cdef void _after_get(self) noexcept nogil
+
+
+cdef inline int vq_check_used(_Driver d, unsigned id, uint32_t ln) noexcept nogil:
+    """A used entry the device wrote (id, len): 1 if it names a chain in
+    flight and stays within its writable bytes, else -1 with the error side
+    channel set."""
+    if id >= d.size or d._tok_kind[id] == 0:
+        return vq_error(&d._err, E_USED_ID, id, 0)
+    if ln > d._in_len[id]:
+        return vq_error(&d._err, E_USED_LEN, ln, d._in_len[id])
+    return 1

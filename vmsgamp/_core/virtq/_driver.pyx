@@ -74,9 +74,10 @@ cdef class _Driver(_Virtqueue):
             r, off = aspace.translate(addr, s, write=True)
             r.zero(off, s)
 
-    cdef int _parse_sg(self, object out, object in_) except -1:
-        """Scatter lists of (bus_addr, length) pairs into _sg; returns n and
-        leaves the out count in _nread."""
+    cdef int _parse_sg(self, object out, object in_, uint32_t *in_len) except -1:
+        """Scatter lists of (bus_addr, length) pairs into _sg; returns n,
+        leaves the out count in _nread and the device-writable bytes in
+        in_len."""
         cdef int n = 0
         cdef uint64_t total_in = 0
         for a, l in out:
@@ -97,6 +98,7 @@ cdef class _Driver(_Virtqueue):
             raise ValueError("a chain needs at least one buffer")
         if total_in > U32_MAX:
             raise ValueError("device-writable part longer than 4 GiB")
+        in_len[0] = <uint32_t>total_in
         return n
 
     cdef int _store_token(self, unsigned id, object token) except -1:
@@ -143,14 +145,17 @@ cdef class _Driver(_Virtqueue):
     # format-specific steps (overridden)
 
     cdef int _add(self, int n, int nout) noexcept nogil:
-        """Write the chain in _sg[:n] (nout readable first); its id or -1."""
+        """Write the chain in _sg[:n] (nout readable first) and record its
+        descriptor count in _ndesc; its id or -1 when there is no room.  The
+        caller records its writable bytes in _in_len."""
         return -1
 
     cdef void _publish(self) noexcept nogil:
         pass
 
     cdef int _peek_used(self, unsigned *id, uint32_t *ln) noexcept nogil:
-        """1 with the next used chain's id and length, 0 if none, -1 if corrupt."""
+        """1 with the next used chain's id and length (vq_check_used passed),
+        0 if none, -1 if corrupt."""
         return 0
 
     cdef void _consume(self, unsigned id) noexcept nogil:
@@ -177,10 +182,12 @@ cdef class _Driver(_Virtqueue):
         False when there is no room (nothing was written).  ``token`` comes
         back from get_used()."""
         self._ready()
-        cdef int n = self._parse_sg(out, in_)
+        cdef uint32_t in_len
+        cdef int n = self._parse_sg(out, in_, &in_len)
         cdef int id = self._add(n, self._nread)
         if id < 0:
             return False
+        self._in_len[id] = in_len
         self._store_token(id, token)
         self._publish()
         return True
@@ -193,6 +200,7 @@ cdef class _Driver(_Virtqueue):
         cdef int id = self._add(1, 0 if device_writable else 1)
         if id < 0:
             return False
+        self._in_len[id] = length if device_writable else 0
         self._store_token(id, token)
         self._publish()
         return True
@@ -238,6 +246,7 @@ cdef class _Driver(_Virtqueue):
             id = self._add(<int>k, nout)
             if id < 0:
                 break
+            self._in_len[id] = <uint32_t>tin
             self._tok_int[id] = tokens[c]
             self._tok_kind[id] = 1
             j += k

@@ -1,9 +1,9 @@
 # The packed ring, device side and driver side (csrc/virtq.h "packed layout").
 from libc.stdint cimport uint16_t, uint32_t
-from vmsgamp._core.virtq._shared cimport _Virtqueue
+from vmsgamp._core.virtq._shared cimport _DeviceQueue
 from vmsgamp._core.virtq._driver cimport _Driver
 
-cdef class PackedQueue(_Virtqueue):
+cdef class PackedQueue(_DeviceQueue):
     cdef uint16_t _next_avail       # ring offset of the next chain to pop
     cdef bint _avail_wrap
     cdef uint16_t _next_used        # ring offset of the next used descriptor
@@ -13,8 +13,7 @@ cdef class PackedQueue(_Virtqueue):
     cdef unsigned _used_since       # descriptors marked used since then (saturates at size)
     cdef unsigned _outstanding      # ring slots of popped, unused chains
     cdef uint16_t *_ndesc           # per buffer id: ring slots of its chain, 0 if not in flight
-    cdef int _buffer_id             # of the chain _peek() validated
-    cdef int _nring                 # its ring slots
+    cdef int _nring                 # ring slots of the chain _peek() validated
     cdef int _walk(self, unsigned pos, bint wrap, uint16_t first_flags) noexcept nogil
     cdef int _peek(self) noexcept nogil
     cdef void _advance(self) noexcept nogil

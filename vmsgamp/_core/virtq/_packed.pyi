@@ -2,11 +2,11 @@ import numpy as np
 import numpy.typing as npt
 
 from vmsgamp._core.addrspace import AddressSpace, RegionAllocator
-from vmsgamp._core.virtq._chain import ChainBatch, DescriptorChain
+from vmsgamp._core.virtq._chain import ChainBatch
 from vmsgamp._core.virtq._driver import _Driver
-from vmsgamp._core.virtq._shared import QueueState, _Virtqueue
+from vmsgamp._core.virtq._shared import QueueState, _DeviceQueue
 
-class PackedQueue(_Virtqueue):
+class PackedQueue(_DeviceQueue):
     def __init__(self, aspace: AddressSpace, size: int, desc_addr: int, driver_addr: int,
                  device_addr: int, *, event_idx: bool = False, indirect: bool = False) -> None: ...
     @staticmethod
@@ -20,10 +20,8 @@ class PackedQueue(_Virtqueue):
     def avail_wrap(self) -> bool: ...
     @property
     def used_wrap(self) -> bool: ...
-    def pop(self) -> DescriptorChain | None: ...
-    def pop_batch(self, batch: ChainBatch) -> int: ...
-    def add_used(self, head: int, length: int, /) -> None:
-        """``head``: the chain's buffer id (``chain.head``)."""
+    def add_used(self, buffer_id: int, length: int, /) -> None:
+        """``buffer_id``: the chain's buffer id (``chain.head``)."""
     def add_used_batch(self, heads: ChainBatch | npt.NDArray[np.uint16],
                        lengths: npt.NDArray[np.uint32] | None = None, count: int = -1) -> int:
         """``heads``: buffer ids (name kept for compatibility)."""

@@ -31,13 +31,11 @@ from vmsgamp._core.io cimport (
 )
 from vmsgamp._core.addrspace cimport AddressSpace
 from vmsgamp._core.virtq._layout cimport *
-from vmsgamp._core.virtq._chain cimport ChainBatch, vq_make_chain, vq_batch_put
 from vmsgamp._core.virtq._shared cimport (
-    _Virtqueue, vq_error,
+    _DeviceQueue, vq_error,
     E_WRAP, E_IND_NEXT, E_IND_NESTED, E_LONG, E_ID, E_ID_INFLIGHT, E_TOO_MANY, E_USED_NOTHING,
-    E_USED_ID, E_USED_LEN,
 )
-from vmsgamp._core.virtq._driver cimport _Driver
+from vmsgamp._core.virtq._driver cimport _Driver, vq_check_used
 
 from vmsgamp._core.virtq._shared import PACKED, QueueState, alloc_line, check_state
 from vmsgamp.errors import LocalProtocolError
@@ -51,7 +49,7 @@ cdef int _check_size(unsigned size) except -1:
 
 # ---- device side -------------------------------------------------------------
 
-cdef class PackedQueue(_Virtqueue):
+cdef class PackedQueue(_DeviceQueue):
     """Device side of a packed virtqueue (same API as SplitQueue; the
     ``head`` of a chain, which add_used() takes back, is its buffer id)."""
 
@@ -158,7 +156,7 @@ cdef class PackedQueue(_Virtqueue):
     cdef int _walk(self, unsigned pos, bint wrap, uint16_t first_flags) noexcept nogil:
         """Validate the chain whose first descriptor (flags already loaded)
         is at ring offset pos; its segment count or -1.  Leaves the chain's
-        buffer id and ring slots in _buffer_id / _nring."""
+        buffer id and ring slots in _chain_id / _nring."""
         cdef char *d
         cdef char *table
         cdef unsigned i = pos, k, tn
@@ -208,7 +206,7 @@ cdef class PackedQueue(_Virtqueue):
                 i = 0
                 w = not w
         # the buffer id sits in the last descriptor of the chain
-        self._buffer_id = vm_load16(d + PVIRTQ_DESC_OFF_ID, VM_RELAXED)
+        self._chain_id = vm_load16(d + PVIRTQ_DESC_OFF_ID, VM_RELAXED)
         self._nring = nring
         return n
 
@@ -226,17 +224,17 @@ cdef class PackedQueue(_Virtqueue):
         n = self._walk(self._next_avail, self._avail_wrap, flags)
         if n < 0:
             return -1
-        if self._buffer_id >= <int>self.size:
-            return vq_error(&self._err, E_ID, self._buffer_id, self.size)
-        if self._ndesc[self._buffer_id]:
-            return vq_error(&self._err, E_ID_INFLIGHT, self._buffer_id, 0)
+        if self._chain_id >= <int>self.size:
+            return vq_error(&self._err, E_ID, self._chain_id, self.size)
+        if self._ndesc[self._chain_id]:
+            return vq_error(&self._err, E_ID_INFLIGHT, self._chain_id, 0)
         if self._outstanding + self._nring > self.size:
             return vq_error(&self._err, E_TOO_MANY, self._outstanding + self._nring, self.size)
         return n
 
     cdef void _advance(self) noexcept nogil:
         """Take the chain _peek() validated."""
-        self._ndesc[self._buffer_id] = self._nring
+        self._ndesc[self._chain_id] = self._nring
         self._outstanding += self._nring
         self._next_avail += self._nring
         if self._next_avail >= self.size:
@@ -270,47 +268,12 @@ cdef class PackedQueue(_Virtqueue):
 
     # -- Python API --
 
-    def pop(self):
-        """Next available chain, or None.  QueueBrokenError on corruption."""
+    def add_used(self, unsigned buffer_id, uint32_t length, /):
+        """Return the chain with ``buffer_id`` (``chain.head``) with ``length``
+        bytes written."""
         self._ready()
-        cdef int n = self._peek()
-        if n < 0:
-            self._fail()
-        if n == 0:
-            return None
-        c = vq_make_chain(self._as, self._buffer_id, self._scratch, n, self._nread)
-        self._advance()
-        return c
-
-    def pop_batch(self, ChainBatch batch not None):
-        """Burst pop into ``batch``; see SplitQueue.pop_batch."""
-        self._ready()
-        cdef int k = 0, err = 0
-        batch.count = 0
-        batch.nseg = 0
-        batch._seg_start[0] = 0
-        self._as.enter()
-        try:
-            with nogil:
-                while batch.count < batch.max_chains:
-                    k = self._peek()
-                    if k <= 0:
-                        err = k < 0
-                        break
-                    if vq_batch_put(batch, self._as, self._buffer_id, self._scratch, k) < 0:
-                        err = 2 if batch.count == 0 else 0
-                        break
-                    self._advance()
-        finally:
-            self._as.leave()
-        return self._batch_result(err, k, batch)
-
-    def add_used(self, unsigned head, uint32_t length, /):
-        """Return buffer ``head`` (the buffer id, ``chain.head``) with
-        ``length`` bytes written."""
-        self._ready()
-        if head >= self.size or self._put_used(head, length) < 0:
-            raise LocalProtocolError(f"buffer id {head} is not in flight")
+        if buffer_id >= self.size or self._put_used(buffer_id, length) < 0:
+            raise LocalProtocolError(f"buffer id {buffer_id} is not in flight")
 
     def add_used_batch(self, heads, lengths=None, int count=-1):
         """Return ``count`` chains (``heads``: buffer ids; arrays or a
@@ -457,13 +420,10 @@ cdef class PackedQueueDriver(_Driver):
         cdef bint w
         cdef char *d
         cdef uint16_t f, first_flags = 0
-        cdef uint32_t in_len = 0
         if self._num_free < need or self._free_id >= self.size:
             return -1
         buffer_id = self._free_id
         self._free_id = self._next[buffer_id]
-        for k in range(nout, n):
-            in_len += self._sg_len[k]
         pos = self._next_avail
         w = self._avail_wrap
         if ind:
@@ -505,7 +465,6 @@ cdef class PackedQueueDriver(_Driver):
         self._avail_wrap = w
         self._num_free -= need
         self._ndesc[buffer_id] = need
-        self._in_len[buffer_id] = in_len
         if self._num_added <= 0xFFFF - need:
             self._num_added += need
         else:
@@ -523,11 +482,7 @@ cdef class PackedQueueDriver(_Driver):
             return vq_error(&self._err, E_USED_NOTHING, self._last_used, 0)
         id[0] = vm_load16(d + PVIRTQ_DESC_OFF_ID, VM_RELAXED)
         ln[0] = vm_load32(d + PVIRTQ_DESC_OFF_LEN, VM_RELAXED)
-        if id[0] >= self.size or self._tok_kind[id[0]] == 0:
-            return vq_error(&self._err, E_USED_ID, id[0], 0)
-        if ln[0] > self._in_len[id[0]]:
-            return vq_error(&self._err, E_USED_LEN, ln[0], self._in_len[id[0]])
-        return 1
+        return vq_check_used(self, id[0], ln[0])
 
     cdef void _consume(self, unsigned id) noexcept nogil:
         """Skip chain id's ring slots and free its buffer id."""

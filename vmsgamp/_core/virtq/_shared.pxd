@@ -71,9 +71,16 @@ cdef class _Virtqueue:
     cdef int _ready(self) except -1
     cdef int _fail(self) except -1
     cdef int _note_broken(self) except -1
-    cdef int _batch_result(self, int err, int k, ChainBatch batch) except -1
-    cdef int _used_batch_args(self, ids, lengths, int count, const uint16_t **h,
-                              const uint32_t **l) except -1
     cdef int _seg(self, uint64_t addr, uint32_t ln, bint write, int n,
                   uint64_t *sum_r, uint64_t *sum_w) noexcept nogil
     cdef int _tr_table(self, uint64_t addr, uint32_t ln, char **out) noexcept nogil
+
+
+cdef class _DeviceQueue(_Virtqueue):
+    cdef int _chain_id              # id of the chain _peek() validated (desc_idx / buffer_id)
+    # format-specific steps
+    cdef int _peek(self) noexcept nogil
+    cdef void _advance(self) noexcept nogil
+    # shared
+    cdef int _used_batch_args(self, ids, lengths, int count, const uint16_t **h,
+                              const uint32_t **l) except -1

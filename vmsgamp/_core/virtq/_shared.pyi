@@ -2,6 +2,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmsgamp._core.addrspace import AddressSpace, RegionAllocator
+from vmsgamp._core.virtq._chain import ChainBatch, DescriptorChain
 from vmsgamp.errors import RemoteProtocolError
 
 SPLIT: str
@@ -65,3 +66,7 @@ class _Virtqueue:
     @property
     def aspace(self) -> AddressSpace: ...
     def mark_broken(self, reason: str) -> None: ...
+
+class _DeviceQueue(_Virtqueue):
+    def pop(self) -> DescriptorChain | None: ...
+    def pop_batch(self, batch: ChainBatch) -> int: ...

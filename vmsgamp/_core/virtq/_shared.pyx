@@ -11,7 +11,7 @@ cdef extern from "<stdint.h>" nogil:
 
 from vmsgamp._core.addrspace cimport AddressSpace
 from vmsgamp._core.virtq._layout cimport *
-from vmsgamp._core.virtq._chain cimport vq_seg, ChainBatch
+from vmsgamp._core.virtq._chain cimport vq_seg, ChainBatch, vq_make_chain, vq_batch_put
 
 import dataclasses
 
@@ -249,49 +249,6 @@ cdef class _Virtqueue:
         self._note_broken()
         raise QueueBrokenError(self.broken_reason)
 
-    cdef int _batch_result(self, int err, int k, ChainBatch batch) except -1:
-        """End of pop_batch: an oversized chain is the caller's error; a
-        corrupted ring raises only when nothing was popped, else the chains
-        popped so far are returned and the queue is marked broken."""
-        if err == 2:
-            raise ValueError(f"chain of {k} segments does not fit in a batch of {batch.max_segments}")
-        if err:
-            if batch.count == 0:
-                self._fail()
-            self._note_broken()
-        return batch.count
-
-    cdef int _used_batch_args(self, ids, lengths, int count, const uint16_t **h,
-                              const uint32_t **l) except -1:
-        """Unpack add_used_batch arguments (a ChainBatch, or id and length
-        arrays) into pointers; returns the count, checked against the
-        arrays.  The pointers stay valid while the caller holds
-        ``ids``/``lengths``."""
-        cdef const uint16_t[::1] hv
-        cdef const uint32_t[::1] lv
-        cdef ChainBatch b
-        cdef Py_ssize_t n
-        if count < -1:
-            raise ValueError(f"count {count} is negative")
-        if isinstance(ids, ChainBatch):
-            b = <ChainBatch>ids
-            n = b.count if count == -1 else count
-            if n < 0 or n > b.max_chains:
-                raise ValueError(f"count {n} outside the batch of {b.max_chains}")
-            if n:
-                h[0] = b._heads
-                l[0] = b._used_len
-            return <int>n
-        hv = ids
-        lv = lengths
-        n = hv.shape[0] if count == -1 else count
-        if n > hv.shape[0] or n > lv.shape[0]:
-            raise ValueError(f"count {n} larger than the arrays")
-        if n:
-            h[0] = &hv[0]
-            l[0] = &lv[0]
-        return <int>n
-
     cdef int _seg(self, uint64_t addr, uint32_t ln, bint write, int n,
                   uint64_t *sum_r, uint64_t *sum_w) noexcept nogil:
         """Validate buffer descriptor n of a chain into scratch[n]; -1 with
@@ -346,3 +303,96 @@ cdef class _Virtqueue:
         if not self.broken:
             self.broken = True
             self.broken_reason = reason
+
+
+cdef class _DeviceQueue(_Virtqueue):
+    """Device side, the part both ring formats share: pop, pop_batch and
+    the unpacking of add_used_batch arguments, built on the format's two
+    steps: ``_peek()`` validates the next available chain into scratch
+    (segment count, 0 if none, -1 if corrupt; its id in ``_chain_id``) and
+    ``_advance()`` takes it."""
+
+    cdef int _peek(self) noexcept nogil:
+        return 0
+
+    cdef void _advance(self) noexcept nogil:
+        pass
+
+    def pop(self):
+        """Next available chain, or None.  QueueBrokenError if the driver
+        corrupted the ring (the queue stays broken)."""
+        self._ready()
+        cdef int n = self._peek()
+        if n < 0:
+            self._fail()
+        if n == 0:
+            return None
+        c = vq_make_chain(self._as, self._chain_id, self._scratch, n, self._nread)
+        self._advance()
+        return c
+
+    def pop_batch(self, ChainBatch batch not None):
+        """Pop as many chains as are available and fit in ``batch`` (burst);
+        returns the count (also ``batch.count``).  A corrupted chain stops
+        the batch: the chains before it are returned, the queue is marked
+        broken and the next call raises.  ValueError if the first chain
+        alone has more segments than the batch holds."""
+        self._ready()
+        cdef int k = 0, err = 0
+        batch.count = 0
+        batch.nseg = 0
+        batch._seg_start[0] = 0
+        self._as.enter()
+        try:
+            with nogil:
+                while batch.count < batch.max_chains:
+                    k = self._peek()
+                    if k <= 0:
+                        err = k < 0
+                        break
+                    if vq_batch_put(batch, self._as, self._chain_id, self._scratch, k) < 0:
+                        err = 2 if batch.count == 0 else 0
+                        break
+                    self._advance()
+        finally:
+            self._as.leave()
+        if err == 2:
+            raise ValueError(f"chain of {k} segments does not fit in a batch of {batch.max_segments}")
+        if err:
+            if batch.count == 0:
+                self._fail()
+            self._note_broken()
+        return batch.count
+
+    cdef int _used_batch_args(self, ids, lengths, int count, const uint16_t **h,
+                              const uint32_t **l) except -1:
+        """Unpack add_used_batch arguments (a ChainBatch, or id and length
+        arrays) into pointers; returns the count, checked against the
+        arrays.  The pointers stay valid while the caller holds
+        ``ids``/``lengths``."""
+        cdef const uint16_t[::1] hv
+        cdef const uint32_t[::1] lv
+        cdef ChainBatch b
+        cdef Py_ssize_t n
+        if count < -1:
+            raise ValueError(f"count {count} is negative")
+        if isinstance(ids, ChainBatch):
+            b = <ChainBatch>ids
+            n = b.count if count == -1 else count
+            if n < 0 or n > b.max_chains:
+                raise ValueError(f"count {n} outside the batch of {b.max_chains}")
+            if n:
+                h[0] = b._heads
+                l[0] = b._used_len
+            return <int>n
+        hv = ids
+        lv = lengths
+        n = hv.shape[0] if count == -1 else count
+        if n > hv.shape[0] or n > lv.shape[0]:
+            raise ValueError(f"count {n} larger than the arrays")
+        if n > VIRTQ_MAX_SIZE:
+            raise ValueError(f"count {n}: no queue has that many chains")
+        if n:
+            h[0] = &hv[0]
+            l[0] = &lv[0]
+        return <int>n

@@ -1,17 +1,18 @@
 # The split ring, device side and driver side (csrc/virtq.h "split layout").
 from libc.stdint cimport uint16_t, uint32_t
-from vmsgamp._core.virtq._shared cimport _Virtqueue
+from vmsgamp._core.virtq._shared cimport _DeviceQueue
 from vmsgamp._core.virtq._driver cimport _Driver
 
-cdef class SplitQueue(_Virtqueue):
+cdef class SplitQueue(_DeviceQueue):
     cdef uint16_t _next_avail       # free-running avail index of the next chain to pop
     cdef uint16_t _next_used        # free-running used index, published as used.idx
     cdef uint16_t _avail_shadow     # last avail.idx read (chains known available)
     cdef uint16_t _signalled_used   # used index at the last needs_notification()
     cdef bint _signalled_valid
     cdef int _avail_count(self) noexcept nogil
-    cdef unsigned _ring_desc_idx(self) noexcept nogil
     cdef int _walk(self, unsigned desc_idx) noexcept nogil
+    cdef int _peek(self) noexcept nogil
+    cdef void _advance(self) noexcept nogil
     cdef void _put_used(self, unsigned desc_idx, uint32_t ln) noexcept nogil
 
 cdef class SplitQueueDriver(_Driver):

@@ -28,12 +28,11 @@ from vmsgamp._core.io cimport (
 )
 from vmsgamp._core.addrspace cimport AddressSpace
 from vmsgamp._core.virtq._layout cimport *
-from vmsgamp._core.virtq._chain cimport ChainBatch, vq_make_chain, vq_batch_put
 from vmsgamp._core.virtq._shared cimport (
-    _Virtqueue, vq_error, vq_is_pow2,
-    E_AVAIL_JUMP, E_HEAD, E_NEXT, E_IND_NESTED, E_IND_NEXT, E_USED_JUMP, E_USED_ID, E_USED_LEN,
+    _DeviceQueue, vq_error, vq_is_pow2,
+    E_AVAIL_JUMP, E_HEAD, E_NEXT, E_IND_NESTED, E_IND_NEXT, E_USED_JUMP,
 )
-from vmsgamp._core.virtq._driver cimport _Driver
+from vmsgamp._core.virtq._driver cimport _Driver, vq_check_used
 
 from vmsgamp._core.virtq._shared import SPLIT, QueueState, alloc_line, check_state, split_area_sizes
 from vmsgamp.errors import LocalProtocolError
@@ -47,12 +46,12 @@ cdef int _check_size(unsigned size) except -1:
 
 # ---- device side -------------------------------------------------------------
 
-cdef class SplitQueue(_Virtqueue):
+cdef class SplitQueue(_DeviceQueue):
     """Device side of a split virtqueue.
 
-    ``pop()`` returns the next DescriptorChain or None; ``add_used(head,
-    len)`` returns it (``head``: the chain's first descriptor index, as
-    ``chain.head`` gives it); ``needs_notification()`` says whether to
+    ``pop()`` returns the next DescriptorChain or None; ``add_used(chain.head,
+    len)`` returns it (``head`` is the chain's first descriptor index);
+    ``needs_notification()`` says whether to
     interrupt the driver after add_used; ``enable_notification()`` /
     ``disable_notification()`` steer the driver's kicks."""
 
@@ -128,12 +127,6 @@ cdef class SplitQueue(_Virtqueue):
             n = idx - self._next_avail
         return n
 
-    cdef unsigned _ring_desc_idx(self) noexcept nogil:
-        """The descriptor index the avail ring holds for next_avail (unchecked:
-        _walk checks it).  Relaxed: ordered after A1."""
-        return vm_load16(self._drv + VIRTQ_AVAIL_OFF_RING + 2 * (self._next_avail & self._mask),
-                         VM_RELAXED)
-
     cdef int _walk(self, unsigned desc_idx) noexcept nogil:
         """Validate the chain starting at descriptor desc_idx into scratch;
         its segment count or -1."""
@@ -177,6 +170,22 @@ cdef class SplitQueue(_Virtqueue):
             if i >= tsize:
                 return vq_error(&self._err, E_NEXT, i, tsize)
 
+    cdef int _peek(self) noexcept nogil:
+        """Validate the next available chain: segment count, 0 if none, -1."""
+        cdef int n = self._avail_count()
+        cdef unsigned desc_idx
+        if n <= 0:
+            return n
+        # the ring entry: relaxed, ordered after A1; _walk checks its range
+        desc_idx = vm_load16(self._drv + VIRTQ_AVAIL_OFF_RING + 2 * (self._next_avail & self._mask),
+                             VM_RELAXED)
+        n = self._walk(desc_idx)
+        self._chain_id = desc_idx
+        return n
+
+    cdef void _advance(self) noexcept nogil:
+        self._next_avail += 1
+
     cdef void _put_used(self, unsigned desc_idx, uint32_t ln) noexcept nogil:
         cdef char *e = self._dev + VIRTQ_USED_OFF_RING + VIRTQ_USED_ELEM_SIZE * (self._next_used & self._mask)
         # relaxed: published by R2 (the used.idx release store after it)
@@ -186,63 +195,15 @@ cdef class SplitQueue(_Virtqueue):
 
     # -- Python API --
 
-    def pop(self):
-        """Next available chain, or None.  QueueBrokenError if the driver
-        corrupted the ring (the queue stays broken)."""
-        self._ready()
-        cdef int n = self._avail_count()
-        if n < 0:
-            self._fail()
-        if n == 0:
-            return None
-        cdef unsigned desc_idx = self._ring_desc_idx()
-        n = self._walk(desc_idx)
-        if n < 0:
-            self._fail()
-        c = vq_make_chain(self._as, desc_idx, self._scratch, n, self._nread)
-        self._next_avail += 1
-        return c
-
-    def pop_batch(self, ChainBatch batch not None):
-        """Pop as many chains as are available and fit in ``batch`` (burst);
-        returns the count (also ``batch.count``).  A corrupted chain stops
-        the batch: the chains before it are returned and the next call raises."""
-        self._ready()
-        cdef int n, k = 0, err = 0
-        cdef unsigned desc_idx
-        batch.count = 0
-        batch.nseg = 0
-        batch._seg_start[0] = 0
-        self._as.enter()
-        try:
-            with nogil:
-                while batch.count < batch.max_chains:
-                    n = self._avail_count()
-                    if n <= 0:
-                        err = n < 0
-                        break
-                    desc_idx = self._ring_desc_idx()
-                    k = self._walk(desc_idx)
-                    if k < 0:
-                        err = 1
-                        break
-                    if vq_batch_put(batch, self._as, desc_idx, self._scratch, k) < 0:
-                        err = 2 if batch.count == 0 else 0
-                        break
-                    self._next_avail += 1
-        finally:
-            self._as.leave()
-        return self._batch_result(err, k, batch)
-
-    def add_used(self, unsigned head, uint32_t length, /):
-        """Return chain ``head`` (its first descriptor index, ``chain.head``)
+    def add_used(self, unsigned desc_idx, uint32_t length, /):
+        """Return the chain starting at descriptor ``desc_idx`` (``chain.head``)
         with ``length`` bytes written to its writable part."""
         self._ready()
-        if head >= self.size:
-            raise ValueError(f"descriptor index {head} outside queue of size {self.size}")
+        if desc_idx >= self.size:
+            raise ValueError(f"descriptor index {desc_idx} outside queue of size {self.size}")
         if self._next_avail == self._next_used:
             raise LocalProtocolError("add_used without a popped chain")
-        self._put_used(head, length)
+        self._put_used(desc_idx, length)
         # R2: release used.idx; pairs with A2 (driver's acquire load of
         # used.idx before it reads the used element).
         vm_store16(self._dev + VIRTQ_USED_OFF_IDX, self._next_used, VM_RELEASE)
@@ -404,12 +365,9 @@ cdef class SplitQueueDriver(_Driver):
         cdef int k
         cdef char *d
         cdef uint16_t f
-        cdef uint32_t in_len = 0
         if self._num_free < need:
             return -1
         desc_idx = self._free_desc
-        for k in range(nout, n):
-            in_len += self._sg_len[k]
         if ind:
             self._write_table(self._ind_ptr + <uint64_t>desc_idx * self._ind_max * 16, n, nout, True)
             d = self._desc + VIRTQ_DESC_SIZE * desc_idx
@@ -434,7 +392,6 @@ cdef class SplitQueueDriver(_Driver):
             self._free_desc = i
         self._num_free -= need
         self._ndesc[desc_idx] = need
-        self._in_len[desc_idx] = in_len
         vm_store16(self._drv + VIRTQ_AVAIL_OFF_RING + 2 * (self._avail_idx & self._mask), desc_idx, VM_RELAXED)
         self._avail_idx += 1
         if self._num_added < 0xFFFF:
@@ -462,11 +419,7 @@ cdef class SplitQueueDriver(_Driver):
         e = self._dev + VIRTQ_USED_OFF_RING + VIRTQ_USED_ELEM_SIZE * (self._last_used & self._mask)
         id[0] = vm_load32(e, VM_RELAXED)
         ln[0] = vm_load32(e + 4, VM_RELAXED)
-        if id[0] >= self.size or self._tok_kind[id[0]] == 0:
-            return vq_error(&self._err, E_USED_ID, id[0], 0)
-        if ln[0] > self._in_len[id[0]]:
-            return vq_error(&self._err, E_USED_LEN, ln[0], self._in_len[id[0]])
-        return 1
+        return vq_check_used(self, id[0], ln[0])
 
     cdef void _consume(self, unsigned id) noexcept nogil:
         """Return chain id's descriptors to the free list."""
