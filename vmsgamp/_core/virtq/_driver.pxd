@@ -31,6 +31,7 @@ cdef class _Driver(_Virtqueue):
     cdef int _parse_sg(self, object out, object in_, uint32_t *in_len) except -1
     cdef int _store_token(self, unsigned id, object token) except -1
     cdef object _take_token(self, unsigned id)
+    cdef object _take_object_token(self, unsigned id)
     cdef void _write_table(self, char *table, int n, int nout, bint split) noexcept nogil
     cdef Py_ssize_t _add_many(self, const uint64_t *addr, const uint32_t *length,
                               const uint8_t *writable, const uint64_t *tokens, const uint16_t *nseg,

@@ -118,6 +118,10 @@ cdef class _Driver(_Virtqueue):
         self._tok_kind[id] = 0
         if k == 1:
             return self._tok_int[id]
+        return self._take_object_token(id)
+
+    cdef object _take_object_token(self, unsigned id):
+        # apart from _take_token: the list access would slow the integer path
         t = self._tok_obj[id]
         self._tok_obj[id] = None
         return t

@@ -1,4 +1,5 @@
 # The packed ring, device side and driver side (csrc/virtq.h "packed layout").
+cimport cython
 from libc.stdint cimport uint16_t, uint32_t
 from vmsgamp._core.virtq._shared cimport _DeviceQueue
 from vmsgamp._core.virtq._driver cimport _Driver
@@ -14,10 +15,13 @@ cdef class PackedQueue(_DeviceQueue):
     cdef unsigned _outstanding      # ring slots of popped, unused chains
     cdef uint16_t *_ndesc           # per buffer id: ring slots of its chain, 0 if not in flight
     cdef int _nring                 # ring slots of the chain _peek() validated
+    # final: called directly (no vtable), so the C compiler may inline them
+    @cython.final
     cdef int _walk(self, unsigned pos, bint wrap, uint16_t first_flags) noexcept nogil
+    @cython.final
+    cdef int _put_used(self, unsigned buffer_id, uint32_t ln) noexcept nogil
     cdef int _peek(self) noexcept nogil
     cdef void _advance(self) noexcept nogil
-    cdef int _put_used(self, unsigned buffer_id, uint32_t ln) noexcept nogil
 
 cdef class PackedQueueDriver(_Driver):
     cdef uint16_t _free_id          # first buffer id of the free list

@@ -22,6 +22,7 @@ Names: a packed chain is known by its ``buffer_id`` (the id field of its
 last descriptor), chosen by the driver; ring positions are offsets
 (``pos``, ``next_avail``, ``next_used``, ``last_used``) with a wrap counter.
 """
+cimport cython
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free
 
@@ -153,6 +154,7 @@ cdef class PackedQueue(_DeviceQueue):
 
     # -- nogil core --
 
+    @cython.final
     cdef int _walk(self, unsigned pos, bint wrap, uint16_t first_flags) noexcept nogil:
         """Validate the chain whose first descriptor (flags already loaded)
         is at ring offset pos; its segment count or -1.  Leaves the chain's
@@ -241,6 +243,7 @@ cdef class PackedQueue(_DeviceQueue):
             self._next_avail -= self.size
             self._avail_wrap = not self._avail_wrap
 
+    @cython.final
     cdef int _put_used(self, unsigned buffer_id, uint32_t ln) noexcept nogil:
         """Mark chain buffer_id (< size) used; -1 if it is not in flight."""
         cdef unsigned k = self._ndesc[buffer_id]

@@ -1,4 +1,5 @@
 # The split ring, device side and driver side (csrc/virtq.h "split layout").
+cimport cython
 from libc.stdint cimport uint16_t, uint32_t
 from vmsgamp._core.virtq._shared cimport _DeviceQueue
 from vmsgamp._core.virtq._driver cimport _Driver
@@ -9,11 +10,15 @@ cdef class SplitQueue(_DeviceQueue):
     cdef uint16_t _avail_shadow     # last avail.idx read (chains known available)
     cdef uint16_t _signalled_used   # used index at the last needs_notification()
     cdef bint _signalled_valid
+    # final: called directly (no vtable), so the C compiler may inline them
+    @cython.final
     cdef int _avail_count(self) noexcept nogil
+    @cython.final
     cdef int _walk(self, unsigned desc_idx) noexcept nogil
+    @cython.final
+    cdef void _put_used(self, unsigned desc_idx, uint32_t ln) noexcept nogil
     cdef int _peek(self) noexcept nogil
     cdef void _advance(self) noexcept nogil
-    cdef void _put_used(self, unsigned desc_idx, uint32_t ln) noexcept nogil
 
 cdef class SplitQueueDriver(_Driver):
     cdef uint16_t _free_desc        # first descriptor index of the free list

@@ -20,6 +20,7 @@ reads the peer's suppression field after its own index update
 Names: a split chain is known by the index of its first descriptor
 (``desc_idx``); that is the id the used ring carries back.
 """
+cimport cython
 from libc.stdint cimport uint16_t, uint32_t, uint64_t
 
 from vmsgamp._core.io cimport (
@@ -111,6 +112,7 @@ cdef class SplitQueue(_DeviceQueue):
 
     # -- nogil core --
 
+    @cython.final
     cdef int _avail_count(self) noexcept nogil:
         """Chains available and not popped yet; -1 (E_AVAIL_JUMP) on a bad index."""
         cdef uint16_t n = self._avail_shadow - self._next_avail
@@ -127,6 +129,7 @@ cdef class SplitQueue(_DeviceQueue):
             n = idx - self._next_avail
         return n
 
+    @cython.final
     cdef int _walk(self, unsigned desc_idx) noexcept nogil:
         """Validate the chain starting at descriptor desc_idx into scratch;
         its segment count or -1."""
@@ -186,6 +189,7 @@ cdef class SplitQueue(_DeviceQueue):
     cdef void _advance(self) noexcept nogil:
         self._next_avail += 1
 
+    @cython.final
     cdef void _put_used(self, unsigned desc_idx, uint32_t ln) noexcept nogil:
         cdef char *e = self._dev + VIRTQ_USED_OFF_RING + VIRTQ_USED_ELEM_SIZE * (self._next_used & self._mask)
         # relaxed: published by R2 (the used.idx release store after it)
