@@ -63,12 +63,14 @@ cdef inline int vq_batch_put(ChainBatch b, AddressSpace a, int id, const vq_seg 
                              int n) noexcept nogil:
     """Append one validated chain (id `id`, segments s[:n]) to `b`; -1, with
     nothing written, if it does not fit."""
-    # count and nseg are public: read each once and check that copy
-    # (c + 1 <= max_chains: heads[c] and seg_start[c + 1] exist;
-    # k + n <= max_segments: the segment arrays hold k .. k + n - 1)
+    # count and nseg are public: read each once and check that copy.  As
+    # unsigned, a negative value is huge, so each test also refuses it:
+    # 0 <= c < max_chains (heads[c] and seg_start[c + 1] exist) and
+    # 0 <= k, 0 <= n, k + n <= max_segments (the segment arrays hold k .. k + n - 1)
     cdef int c = b.count, k = b.nseg, j
     cdef const vm_window *w
-    if c < 0 or c >= b.max_chains or k < 0 or n < 0 or n > b.max_segments - k:
+    if (<unsigned>c >= <unsigned>b.max_chains or <unsigned>k > <unsigned>b.max_segments
+            or <unsigned>n > <unsigned>(b.max_segments - k)):
         return -1
     b._heads[c] = <uint16_t>id
     b._seg_start[c] = k

@@ -11,7 +11,7 @@ cdef class PackedQueue(_DeviceQueue):
     cdef bint _used_wrap
     cdef uint16_t _signalled_used   # next_used at the last needs_notification()
     cdef bint _signalled_valid
-    cdef unsigned _used_since       # descriptors marked used since then (saturates at size)
+    cdef unsigned _used_since       # descriptors marked used since then
     cdef unsigned _outstanding      # ring slots of popped, unused chains
     cdef uint16_t *_ndesc           # per buffer id: ring slots of its chain, 0 if not in flight
     cdef int _nring                 # ring slots of the chain _peek() validated

@@ -261,8 +261,7 @@ cdef class PackedQueue(_DeviceQueue):
         vm_store16(d + PVIRTQ_DESC_OFF_FLAGS, flags, VM_RELEASE)
         self._ndesc[buffer_id] = 0
         self._outstanding -= k
-        if self._used_since < self.size:
-            self._used_since += k     # past a full lap the count no longer matters
+        self._used_since += k
         self._next_used += k
         if self._next_used >= self.size:
             self._next_used -= self.size
