@@ -164,16 +164,17 @@ class MockDriver:
         else:
             self.aspace.write(base + 16 * index, struct.pack("<QIHH", addr, length, next_or_id, flags))
 
-    def write_avail(self, slot: int, head: int) -> None:
-        """Split: avail.ring[slot] = head."""
-        self.aspace.write(self.driver_addr + 4 + 2 * slot, struct.pack("<H", head))
+    def write_avail(self, slot: int, desc_idx: int) -> None:
+        """Split: avail.ring[slot] = desc_idx (the first descriptor of a chain)."""
+        self.aspace.write(self.driver_addr + 4 + 2 * slot, struct.pack("<H", desc_idx))
 
     def set_avail_idx(self, idx: int) -> None:
         """Split: avail.idx = idx (publish)."""
         self.aspace.write(self.driver_addr + 2, struct.pack("<H", idx & 0xFFFF))
 
     def set_used(self, slot: int, id_: int, length: int, idx: int | None = None) -> None:
-        """Split: used.ring[slot] = (id, len), optionally used.idx = idx."""
+        """Split: used.ring[slot] = (id, len) (id: the chain's first descriptor
+        index), optionally used.idx = idx."""
         self.aspace.write(self.device_addr + 4 + 8 * slot, struct.pack("<II", id_, length))
         if idx is not None:
             self.aspace.write(self.device_addr + 2, struct.pack("<H", idx & 0xFFFF))
