@@ -9,10 +9,11 @@ The engine, one concern per file (each compiled module has its ``.pxd`` and
   _chain.pyx    DescriptorChain (what the device pops) and ChainBatch (the
                 preallocated arrays of the batch calls)
   _shared.pyx   constants, QueueState, QueueBrokenError, the message table
-                of the error side channel, and _Virtqueue, the base that
-                maps the areas and validates buffer descriptors
+                of the error side channel; _Virtqueue, the base that maps
+                the areas and validates buffer descriptors; _DeviceQueue,
+                pop and pop_batch for both formats
   _driver.pyx   driver-side plumbing both formats share (tokens, scatter
-                lists, indirect pool, add/get loops)
+                lists, indirect pool, add/get loops, used-entry checks)
   _split.pyx    the split ring: SplitQueue (device) and SplitQueueDriver
   _packed.pyx   the packed ring: PackedQueue (device) and PackedQueueDriver
 
