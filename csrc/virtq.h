@@ -166,30 +166,31 @@ static inline int virtq_need_event(uint16_t event, uint16_t new_idx, uint16_t ol
 
 /* ---- packed ring: flags and event suppression, for both sides ------------ */
 
-/* A descriptor made available in lap `wrap`: AVAIL == wrap, USED != wrap. */
-static inline int virtq_packed_avail_ok(uint16_t flags, int wrap)
+/* A descriptor made available in lap `wrap` (the wrap counter, 0 or 1):
+ * AVAIL == wrap, USED != wrap. */
+static inline int virtq_packed_avail_ok(uint16_t flags, unsigned wrap)
 {
-    return ((flags >> VIRTQ_DESC_F_AVAIL_SHIFT) & 1u) == (unsigned)!!wrap
-        && ((flags >> VIRTQ_DESC_F_USED_SHIFT) & 1u) != (unsigned)!!wrap;
+    return ((flags >> VIRTQ_DESC_F_AVAIL_SHIFT) & 1u) == wrap
+        && ((flags >> VIRTQ_DESC_F_USED_SHIFT) & 1u) != wrap;
 }
 
-/* A descriptor marked used in lap `wrap`: AVAIL == USED == wrap. */
-static inline int virtq_packed_used_ok(uint16_t flags, int wrap)
+/* A descriptor marked used in lap `wrap` (0 or 1): AVAIL == USED == wrap. */
+static inline int virtq_packed_used_ok(uint16_t flags, unsigned wrap)
 {
-    return ((flags >> VIRTQ_DESC_F_AVAIL_SHIFT) & 1u) == (unsigned)!!wrap
-        && ((flags >> VIRTQ_DESC_F_USED_SHIFT) & 1u) == (unsigned)!!wrap;
+    return ((flags >> VIRTQ_DESC_F_AVAIL_SHIFT) & 1u) == wrap
+        && ((flags >> VIRTQ_DESC_F_USED_SHIFT) & 1u) == wrap;
 }
 
 /* The 32-bit event suppression word (off_wrap in bits 0-15, flags in 16-17),
  * read and written as one access so offset and flags always match. */
-static inline uint32_t virtq_packed_event_word(uint16_t flags, uint16_t off, int wrap)
+static inline uint32_t virtq_packed_event_word(uint16_t flags, uint16_t off, unsigned wrap)
 {
-    return ((uint32_t)flags << 16) | (uint32_t)off | ((uint32_t)!!wrap << VIRTQ_EVENT_WRAP_SHIFT);
+    return ((uint32_t)flags << 16) | (uint32_t)off | ((uint32_t)wrap << VIRTQ_EVENT_WRAP_SHIFT);
 }
 
 /* Should a side that has published `moved` descriptors since it last
  * decided (driver: made available, device: marked used), its next ring
- * offset now `new_off` in lap `wrap`, notify the peer whose event
+ * offset now `new_off` in lap `wrap` (0 or 1), notify the peer whose event
  * suppression word is `ev`?  `event_idx`: VIRTIO_F_EVENT_IDX negotiated.
  * Both sides of the packed ring use this one rule (spec "Event Suppression
  * Structure Format"; Linux virtqueue_kick_prepare_packed and vhost).
@@ -199,7 +200,7 @@ static inline uint32_t virtq_packed_event_word(uint16_t flags, uint16_t off, int
  * and the old position new_off - moved may likewise be negative.  After a
  * full lap or more (`moved` >= q) the position is ambiguous: notify. */
 static inline int virtq_packed_need_notify(uint32_t ev, int event_idx, uint16_t new_off,
-                                           int wrap, unsigned moved, unsigned q)
+                                           unsigned wrap, unsigned moved, unsigned q)
 {
     unsigned flags = (ev >> 16) & 3u;
     uint16_t off;
@@ -209,7 +210,7 @@ static inline int virtq_packed_need_notify(uint32_t ev, int event_idx, uint16_t 
     if (flags != VIRTQ_EVENT_F_DESC || !event_idx || moved >= q)
         return 1;
     off = (uint16_t)(ev & VIRTQ_EVENT_OFF_MASK);
-    if (((ev >> VIRTQ_EVENT_WRAP_SHIFT) & 1u) != (unsigned)!!wrap)
+    if (((ev >> VIRTQ_EVENT_WRAP_SHIFT) & 1u) != wrap)
         off = (uint16_t)(off - q);
     return virtq_need_event(off, new_off, (uint16_t)(new_off - moved));
 }

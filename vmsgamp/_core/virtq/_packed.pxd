@@ -16,7 +16,6 @@ cdef class PackedQueue(_DeviceQueue):
     cdef uint16_t *_ndesc           # per buffer id: ring slots of its chain, 0 if not in flight
     cdef int _nring                 # ring slots of the chain _peek() validated
     # final: called directly (no vtable), so the C compiler may inline them
-    @cython.final
     cdef int _walk(self, unsigned pos, bint wrap, uint16_t first_flags) noexcept nogil
     @cython.final
     cdef int _put_used(self, unsigned buffer_id, uint32_t ln) noexcept nogil

@@ -154,7 +154,6 @@ cdef class PackedQueue(_DeviceQueue):
 
     # -- nogil core --
 
-    @cython.final
     cdef int _walk(self, unsigned pos, bint wrap, uint16_t first_flags) noexcept nogil:
         """Validate the chain whose first descriptor (flags already loaded)
         is at ring offset pos; its segment count or -1.  Leaves the chain's

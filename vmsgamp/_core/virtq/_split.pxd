@@ -13,7 +13,6 @@ cdef class SplitQueue(_DeviceQueue):
     # final: called directly (no vtable), so the C compiler may inline them
     @cython.final
     cdef int _avail_count(self) noexcept nogil
-    @cython.final
     cdef int _walk(self, unsigned desc_idx) noexcept nogil
     @cython.final
     cdef void _put_used(self, unsigned desc_idx, uint32_t ln) noexcept nogil

@@ -129,7 +129,6 @@ cdef class SplitQueue(_DeviceQueue):
             n = idx - self._next_avail
         return n
 
-    @cython.final
     cdef int _walk(self, unsigned desc_idx) noexcept nogil:
         """Validate the chain starting at descriptor desc_idx into scratch;
         its segment count or -1."""
