@@ -15,8 +15,8 @@ cdef class PackedQueue(_DeviceQueue):
     cdef unsigned _outstanding      # ring slots of popped, unused chains
     cdef uint16_t *_ndesc           # per buffer id: ring slots of its chain, 0 if not in flight
     cdef int _nring                 # ring slots of the chain _peek() validated
-    # final: called directly (no vtable), so the C compiler may inline them
     cdef int _walk(self, unsigned pos, bint wrap, uint16_t first_flags) noexcept nogil
+    # final: called directly (no vtable), so the C compiler may inline it
     @cython.final
     cdef int _put_used(self, unsigned buffer_id, uint32_t ln) noexcept nogil
     cdef int _peek(self) noexcept nogil

@@ -10,7 +10,8 @@ cdef class SplitQueue(_DeviceQueue):
     cdef uint16_t _avail_shadow     # last avail.idx read (chains known available)
     cdef uint16_t _signalled_used   # used index at the last needs_notification()
     cdef bint _signalled_valid
-    # final: called directly (no vtable), so the C compiler may inline them
+    # final (_avail_count, _put_used): called directly, not through the
+    # vtable, so the C compiler may inline them
     @cython.final
     cdef int _avail_count(self) noexcept nogil
     cdef int _walk(self, unsigned desc_idx) noexcept nogil
