@@ -11,7 +11,7 @@ cdef class PackedQueue(_DeviceQueue):
     cdef bint _used_wrap
     cdef uint16_t _signalled_used   # next_used at the last needs_notification()
     cdef bint _signalled_valid
-    cdef unsigned _used_since       # descriptors marked used since then
+    cdef unsigned _used_since       # descriptors marked used since then (size before any signal)
     cdef unsigned _outstanding      # ring slots of popped, unused chains
     cdef uint16_t *_ndesc           # per buffer id: ring slots of its chain, 0 if not in flight
     cdef int _nring                 # ring slots of the chain _peek() validated
@@ -32,4 +32,5 @@ cdef class PackedQueueDriver(_Driver):
     cdef int _peek_used(self, unsigned *id, uint32_t *ln) noexcept nogil
     cdef void _consume(self, unsigned id) noexcept nogil
     cdef void _after_get(self) noexcept nogil
+    @cython.final
     cdef void _write_event(self, uint16_t flags) noexcept nogil

@@ -75,7 +75,8 @@ cdef class PackedQueue(_DeviceQueue):
         self._used_wrap = True
         self._signalled_valid = False
         self._signalled_used = 0
-        self._used_since = 0
+        # never signalled: to the notification rule, as if a full lap had passed
+        self._used_since = size
         self._outstanding = 0
 
     def state(self):
@@ -130,7 +131,7 @@ cdef class PackedQueue(_DeviceQueue):
         # how far used moved since that signal is not in the state (it may
         # be a full lap): answer the next needs_notification() with True.  A
         # spurious interrupt is harmless, a lost one is not.
-        q._used_since = q.size if su is not None else 0
+        q._used_since = q.size
         for bid, nd in state.inflight:
             q._ndesc[bid] = nd
         q._outstanding = span
@@ -315,10 +316,8 @@ cdef class PackedQueue(_DeviceQueue):
         vm_fence_seq_cst()
         # one 32-bit load: off_wrap and flags from the same driver write
         ev = vm_load32(self._drv, VM_RELAXED)
-        # never signalled: as far as the rule knows, a full lap has passed
         notify = virtq_packed_need_notify(ev, self.event_idx, self._next_used, self._used_wrap,
-                                          self._used_since if self._signalled_valid else self.size,
-                                          self.size)
+                                          self._used_since, self.size)
         self._signalled_used = self._next_used
         self._signalled_valid = True
         self._used_since = 0
@@ -497,6 +496,7 @@ cdef class PackedQueueDriver(_Driver):
         self._next[id] = self._free_id
         self._free_id = id
 
+    @cython.final
     cdef void _write_event(self, uint16_t flags) noexcept nogil:
         """Our event suppression word (relaxed: each caller says what orders it)."""
         if flags == VIRTQ_EVENT_F_DESC:
