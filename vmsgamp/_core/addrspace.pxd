@@ -17,6 +17,7 @@ cdef class AddressSpace:
     cdef int _last             # window of the last hit (most lookups repeat)
     cdef list _regions         # Region per window (pinned while open)
     cdef readonly bint closed
+    cdef readonly uint64_t mapped_bytes   # sum of the window lengths
     cdef int _busy             # nogil sections in flight: unpin deferred
 
     cdef char *tr(self, uint64_t addr, uint64_t n, bint write, int *win) noexcept nogil

@@ -35,6 +35,7 @@ cdef class AddressSpace:
         self._regions = []
         self.closed = False
         self._busy = 0
+        self.mapped_bytes = 0
 
     def __init__(self, windows=()):
         for w in windows:
@@ -90,6 +91,7 @@ cdef class AddressSpace:
         self._win[self._nwin].writable = not region.readonly
         self._win[self._nwin].memtype = region.memtype
         self._nwin += 1
+        self.mapped_bytes += ln
         self._regions.append(region)
 
     @property
@@ -178,6 +180,7 @@ cdef class AddressSpace:
     cdef _release(self):
         regions, self._regions = self._regions, []
         self._nwin = 0
+        self.mapped_bytes = 0
         for r in regions:
             (<Region>r).unpin()
 
