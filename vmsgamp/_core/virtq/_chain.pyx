@@ -124,6 +124,7 @@ cdef class DescriptorChain:
             vm_copy_from_shared(d, self._segs[i].ptr, self._segs[i].len,
                                 self._as._win[self._segs[i].win].memtype)
             d += self._segs[i].len
+        self._as.check_open()   # the object shrank during the copy: zeros, not data
         return out
 
     def write(self, data, uint64_t offset=0):
@@ -149,6 +150,7 @@ cdef class DescriptorChain:
                               self._as._win[self._segs[i].win].memtype)
             done += take
             skip = 0
+        self._as.check_open()   # the object shrank during the copy: the bytes went nowhere
         return done
 
     def __repr__(self):

@@ -319,6 +319,7 @@ cdef class _Driver(_Virtqueue):
         cdef unsigned id
         cdef uint32_t ln
         cdef int r = self._peek_used(&id, &ln)
+        self._as.check_open()   # zeros from a shrunk object are not a used entry
         if r == 0:
             return None
         if r < 0:
@@ -370,6 +371,7 @@ cdef class _Driver(_Virtqueue):
             if n == 0:
                 return 0
             n = self._get_many(&tv[0], &lv[0], n, &r)
+        self._as.check_open()   # zeros from a shrunk object are not used entries
         if r < 0:
             if n == 0:
                 self._fail()

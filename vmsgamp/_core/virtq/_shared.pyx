@@ -323,6 +323,7 @@ cdef class _DeviceQueue(_Virtqueue):
         corrupted the ring (the queue stays broken)."""
         self._ready()
         cdef int n = self._peek()
+        self._as.check_open()   # the walk read zeros because the object shrank: not a chain
         if n < 0:
             self._fail()
         if n == 0:
@@ -356,6 +357,7 @@ cdef class _DeviceQueue(_Virtqueue):
                     self._advance()
         finally:
             self._as.leave()
+        self._as.check_open()   # the object shrank during the walk: these are not chains
         if err == 2:
             raise ValueError(f"chain of {k} segments does not fit in a batch of {batch.max_segments}")
         if err:
