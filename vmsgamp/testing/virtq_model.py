@@ -113,6 +113,22 @@ def _check_buffer(mem: Memory, addr: int, ln: int) -> None:
 
 # ---------------------------------------------------------------- split ----
 
+def _add_segment(chain: RefChain, mem: Memory, q: int, addr: int, ln: int, flags: int) -> None:
+    """One descriptor's buffer joins the chain (both formats): at most q
+    segments, readable before writable, each side's total within 32 bits."""
+    if len(chain.readable) + len(chain.writable) >= q:
+        raise RefBroken("chain longer than queue")
+    _check_buffer(mem, addr, ln)
+    if flags & WRITE:
+        chain.writable.append((addr, ln))
+    else:
+        if chain.writable:
+            raise RefBroken("readable after writable")
+        chain.readable.append((addr, ln))
+    if sum(n for _, n in chain.writable) > 0xFFFFFFFF or sum(n for _, n in chain.readable) > 0xFFFFFFFF:
+        raise RefBroken("length overflow")
+
+
 class RefSplitDriver(_Mem):
     def __init__(self, mem: Memory, size: int, desc: int, driver: int, device: int, *,
                  event_idx: bool = False, indirect: bool = False,
@@ -230,7 +246,7 @@ class RefSplitDevice(_Mem):
         if desc_idx >= self.q:
             raise RefBroken("head descriptor index out of range")
         chain = RefChain(desc_idx)
-        table, tsize, i, nested, count = self.desc_addr, self.q, desc_idx, False, 0
+        table, tsize, i, nested = self.desc_addr, self.q, desc_idx, False
         while True:
             addr, ln, flags, nxt = self.desc(table + 16 * i)
             if flags & INDIRECT:
@@ -245,18 +261,7 @@ class RefSplitDevice(_Mem):
                 _check_buffer(self.mem, addr, ln)
                 table, tsize, i, nested = addr, ln // 16, 0, True
                 continue
-            if count >= self.q:
-                raise RefBroken("chain longer than queue")
-            _check_buffer(self.mem, addr, ln)
-            if flags & WRITE:
-                chain.writable.append((addr, ln))
-            else:
-                if chain.writable:
-                    raise RefBroken("readable after writable")
-                chain.readable.append((addr, ln))
-            count += 1
-            if sum(n for _, n in chain.writable) > 0xFFFFFFFF or sum(n for _, n in chain.readable) > 0xFFFFFFFF:
-                raise RefBroken("length overflow")
+            _add_segment(chain, self.mem, self.q, addr, ln, flags)
             if not flags & NEXT:
                 return chain
             i = nxt
@@ -478,9 +483,9 @@ class RefPackedDevice(_Mem):
                     a2, l2, _, f2 = self.desc(addr + 16 * k)
                     if f2 & INDIRECT:
                         raise RefBroken("nested indirect")
-                    self._add_seg(chain, a2, l2, f2)
+                    _add_segment(chain, self.mem, self.q, a2, l2, f2)
                 break
-            self._add_seg(chain, addr, ln, flags)
+            _add_segment(chain, self.mem, self.q, addr, ln, flags)
             if not flags & NEXT:
                 break
             if nring >= self.q:
@@ -501,19 +506,6 @@ class RefPackedDevice(_Mem):
             self.next_avail -= self.q
             self.avail_wrap ^= 1
         return chain
-
-    def _add_seg(self, chain: RefChain, addr: int, ln: int, flags: int) -> None:
-        if len(chain.readable) + len(chain.writable) >= self.q:
-            raise RefBroken("chain longer than queue")
-        _check_buffer(self.mem, addr, ln)
-        if flags & WRITE:
-            chain.writable.append((addr, ln))
-        else:
-            if chain.writable:
-                raise RefBroken("readable after writable")
-            chain.readable.append((addr, ln))
-        if sum(n for _, n in chain.writable) > 0xFFFFFFFF or sum(n for _, n in chain.readable) > 0xFFFFFFFF:
-            raise RefBroken("length overflow")
 
     def add_used(self, bid: int, ln: int) -> None:
         nd = self.ndesc.pop(bid)
