@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from vmsgamp.bus import AmpBus, AmpDriver
     from vmsgamp.carriers import open_carrier
     from vmsgamp.carriers.ivshmem import IvshmemServer
-    from vmsgamp.bus.exercise import EXERCISES
+    from vmsgamp.bus.exercise import exercise_all
     from vmsgamp.protocol import DriverConnection
 
     from vmsgamp._cmd.trace import close_tracer, open_tracer
@@ -111,18 +111,7 @@ def run(args: argparse.Namespace) -> int:
             nums = drv.enumerate()
             infos = [drv.info(n) for n in nums]
             report["connect_ms"] = (time.perf_counter() - t0) * 1e3
-            report["devices"] = []
-            for info in infos:
-                entry: dict[str, Any] = info.as_dict()
-                fn = EXERCISES.get(info.device_id)
-                if fn is None:
-                    entry["result"] = {"skipped": "no exercise for this device type"}
-                else:
-                    try:
-                        entry["result"] = fn(drv, info.dev_num, duration=args.duration, packed=packed)
-                    except Exception as e:  # report it, keep exercising the others
-                        entry["result"] = {"error": f"{type(e).__name__}: {e}"}
-                report["devices"].append(entry)
+            report["devices"] = exercise_all(drv, infos, duration=args.duration, packed=packed)
             report["ping"] = drv.ping(200)
             report["bus"] = bus.stats()
         finally:

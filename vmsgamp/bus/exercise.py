@@ -21,6 +21,24 @@ def exercise(device_id: int) -> Callable[[Exercise], Exercise]:
     return deco
 
 
+def exercise_all(drv: AmpDriver, infos: Any, *, duration: float, packed: bool | None) -> list[dict[str, Any]]:
+    """Each device's info and the result of its exercise (or why there is
+    none); one device failing is reported and the others still run."""
+    out: list[dict[str, Any]] = []
+    for info in infos:
+        entry: dict[str, Any] = info.as_dict()
+        fn = EXERCISES.get(info.device_id)
+        if fn is None:
+            entry["result"] = {"skipped": "no exercise for this device type"}
+        else:
+            try:
+                entry["result"] = fn(drv, info.dev_num, duration=duration, packed=packed)
+            except Exception as e:  # report it, keep exercising the others
+                entry["result"] = {"error": f"{type(e).__name__}: {e}"}
+        out.append(entry)
+    return out
+
+
 @exercise(4)
 def rng(drv: AmpDriver, dev_num: int, *, duration: float = 0.5, request: int = 4096,
         in_flight: int = 32, packed: bool | None = None) -> dict[str, Any]:

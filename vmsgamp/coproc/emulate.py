@@ -23,7 +23,7 @@ def run_m4(args: argparse.Namespace) -> int:
     from vmsgamp.carriers import open_carrier
     from vmsgamp.coproc.build import build_firmware, missing_tools
     from vmsgamp.coproc.m4 import DRIVER_MEMORY_OFFSET, M4Error, M4Machine
-    from vmsgamp.bus.exercise import EXERCISES
+    from vmsgamp.bus.exercise import exercise_all
     from vmsgamp.protocol import DriverConnection
 
     if args.devices and args.devices != FIRMWARE_DEVICES:
@@ -64,18 +64,7 @@ def run_m4(args: argparse.Namespace) -> int:
         report["connect_ms"] = (time.perf_counter() - t0) * 1e3
         report["device_process"]["devices"] = [{"dev_num": i.dev_num, "name": i.name, "device_id": i.device_id}
                                                for i in infos]
-        report["devices"] = []
-        for info in infos:
-            entry: dict[str, Any] = info.as_dict()
-            fn = EXERCISES.get(info.device_id)
-            if fn is None:
-                entry["result"] = {"skipped": "no exercise for this device type"}
-            else:
-                try:
-                    entry["result"] = fn(drv, info.dev_num, duration=args.duration, packed=packed)
-                except Exception as e:  # report it, keep exercising the others
-                    entry["result"] = {"error": f"{type(e).__name__}: {e}"}
-            report["devices"].append(entry)
+        report["devices"] = exercise_all(drv, infos, duration=args.duration, packed=packed)
         report["ping"] = drv.ping(200)
         report["bus"] = bus.stats()
     finally:

@@ -113,6 +113,17 @@ def _check_buffer(mem: Memory, addr: int, ln: int) -> None:
 
 # ---------------------------------------------------------------- split ----
 
+def _check_indirect(mem: Memory, q: int, negotiated: bool, flags: int, addr: int, ln: int) -> None:
+    """An INDIRECT descriptor's own rules (both formats)."""
+    if flags & NEXT:
+        raise RefBroken("NEXT with INDIRECT")
+    if not negotiated:
+        raise RefBroken("indirect not negotiated")
+    if ln == 0 or ln % 16 or ln // 16 > q:
+        raise RefBroken("bad indirect length")
+    _check_buffer(mem, addr, ln)
+
+
 def _add_segment(chain: RefChain, mem: Memory, q: int, addr: int, ln: int, flags: int) -> None:
     """One descriptor's buffer joins the chain (both formats): at most q
     segments, readable before writable, each side's total within 32 bits."""
@@ -252,13 +263,7 @@ class RefSplitDevice(_Mem):
             if flags & INDIRECT:
                 if nested:
                     raise RefBroken("nested indirect")
-                if flags & NEXT:
-                    raise RefBroken("NEXT with INDIRECT")
-                if not self.indirect:
-                    raise RefBroken("indirect not negotiated")
-                if ln == 0 or ln % 16 or ln // 16 > self.q:
-                    raise RefBroken("bad indirect length")
-                _check_buffer(self.mem, addr, ln)
+                _check_indirect(self.mem, self.q, self.indirect, flags, addr, ln)
                 table, tsize, i, nested = addr, ln // 16, 0, True
                 continue
             _add_segment(chain, self.mem, self.q, addr, ln, flags)
@@ -472,13 +477,7 @@ class RefPackedDevice(_Mem):
                     raise RefBroken("wrap bits contradict")
             nring += 1
             if flags & INDIRECT:
-                if flags & NEXT:
-                    raise RefBroken("NEXT with INDIRECT")
-                if not self.indirect:
-                    raise RefBroken("indirect not negotiated")
-                if ln == 0 or ln % 16 or ln // 16 > self.q:
-                    raise RefBroken("bad indirect length")
-                _check_buffer(self.mem, addr, ln)
+                _check_indirect(self.mem, self.q, self.indirect, flags, addr, ln)
                 for k in range(ln // 16):
                     a2, l2, _, f2 = self.desc(addr + 16 * k)
                     if f2 & INDIRECT:
