@@ -285,7 +285,9 @@ cdef class FifoSession:
         INIT -> READY -> RUN handshake; the driver validates every layout field
         first.  Raises HandshakeTimeout if the peer does not arrive in time.
         ``fresh`` waits for a peer that starts its handshake anew (INIT or
-        READY): one still in RUN is the session that broke or died.
+        READY): one still in RUN is the session that broke or died.  The
+        driver side always does so: a device still in RUN has not yet seen
+        the driver's previous session end.
         Gen A: no handshake; the indices in memory are picked up (``reset``
         zeroes both blocks first: only when the peer is known to be idle).
         """
@@ -380,15 +382,20 @@ cdef class FifoSession:
         vm_store16(self.my_qh + VMAMP_QH_OFF_MAGIC, VMAMP_QUEUE_MAGIC, VM_RELEASE)
         # 2. wait for the peer's magic and a live state.  A peer still showing
         # SHUTDOWN/PEER_DEAD is an old session: wait for it to come back.
+        # The driver also waits out a device still in RUN: that device holds
+        # the old session's indices and has not yet seen us leave, so going
+        # RUN now would have it read our new ring from its old position.  It
+        # drops to INIT as soon as it looks (our INIT above is a peer event
+        # for it).  A device never goes RUN before we are READY, so RUN here
+        # is always an earlier session.
+        fresh = fresh or self.role == C_ROLE_DRIVER
         while True:
             pm = vm_load16(self.peer_qh + VMAMP_QH_OFF_MAGIC, VM_ACQUIRE)
             st = vm_load16(self.peer_qh + VMAMP_QH_OFF_STATUS, VM_ACQUIRE)  # A3 <- peer R3
             if pm == VMAMP_QUEUE_MAGIC and (st & VMAMP_STATE_MASK) <= (
                     VMAMP_STATE_READY if fresh else VMAMP_STATE_RUN):
                 break
-            self._pause(deadline, lambda: HandshakeTimeout(
-                f"peer never came up ({'no queue magic' if pm != VMAMP_QUEUE_MAGIC else 'its queue head is ' + state_name(st)}) "
-                f"within {timeout} s"))
+            self._pause(deadline, lambda: HandshakeTimeout(self._not_up_reason(pm, st, timeout)))
         # 3. own indices zero, then READY.
         vm_store16(self.my_qh + VMAMP_QH_OFF_PROD, 0, VM_RELAXED)
         vm_store16(self.my_qh + VMAMP_QH_OFF_CONS, 0, VM_RELAXED)
@@ -408,6 +415,16 @@ cdef class FifoSession:
         # 5. RUN: traffic may start.
         self.peer_seen_run = (st & VMAMP_STATE_MASK) == VMAMP_STATE_RUN
         self._write_status(VMAMP_STATE_RUN)
+
+    def _not_up_reason(self, uint16_t pm, uint16_t st, timeout):
+        if pm != VMAMP_QUEUE_MAGIC:
+            why = "no queue magic"
+        elif (st & VMAMP_STATE_MASK) == VMAMP_STATE_RUN:
+            why = ("it still shows RUN from an earlier session and has not noticed "
+                   "that session end")
+        else:
+            why = "its queue head is " + state_name(st)
+        return f"peer never came up ({why}) within {timeout} s"
 
     def _pause(self, long long deadline, make_error):
         # Zeros from a lost mapping look like a peer that is not there yet.
