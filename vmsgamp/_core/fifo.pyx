@@ -112,9 +112,17 @@ cdef class MsgFifo(FifoRing):
         try:
             if self.fstate != FSTATE_RUNNING:
                 self._check_running()
+            # bytes and bytearray straight from their storage (no buffer
+            # export); the GIL stays held, so a bytearray cannot be resized
+            # under the copy.
             if PyBytes_CheckExact(buf):
                 p = PyBytes_AS_STRING(buf)
                 n = PyBytes_GET_SIZE(buf)
+                self._check_msg(p, n)
+                r = self._send_raw(p, n)
+            elif PyByteArray_CheckExact(buf):
+                p = PyByteArray_AS_STRING(buf)
+                n = PyByteArray_GET_SIZE(buf)
                 self._check_msg(p, n)
                 r = self._send_raw(p, n)
             else:
@@ -170,7 +178,8 @@ cdef class MsgFifo(FifoRing):
     def _raise_bad(self):
         bad = self.pending_bad
         self.pending_bad = -1
-        raise BadMessageSize(bad, self.header_size, self.slot_size)
+        raise BadMessageSize(bad, self.header_size, self.slot_size,
+                             PyBytes_FromStringAndSize(self._bad_slot, self._bad_len))
 
     def send(self, buf, timeout=None):
         """Send one message, waiting up to ``timeout`` seconds (None: forever)

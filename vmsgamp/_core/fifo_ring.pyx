@@ -178,8 +178,7 @@ cdef class FifoRing(FifoSession):
             nxt = 0
         if msz < self.header_size or msz > self.slot_size:
             self.rx_idx = nxt
-            self.dropped += 1
-            self.pending_bad = msz
+            self._keep_bad(self._scratch, msz)
             return -1
         if msz > cap:
             with gil:
@@ -188,6 +187,14 @@ cdef class FifoRing(FifoSession):
         memcpy(out, self._scratch, msz)
         self.rx_idx = nxt
         return <int>msz
+
+    cdef void _keep_bad(self, const char *slot, uint32_t msz) noexcept nogil:
+        # A malformed message is dropped, but what was read (one whole slot,
+        # already in private memory) goes with its report, for the tracer.
+        memcpy(self._bad_slot, slot, self.slot_size)
+        self._bad_len = self.slot_size
+        self.pending_bad = msz
+        self.dropped += 1
 
     cdef size_t _send_bulk(self, const char *p, size_t k) except? 0xFFFFFFFF nogil:
         """Copy up to k whole-slot messages with one memcpy per contiguous
@@ -240,8 +247,7 @@ cdef class FifoRing(FifoSession):
             h = <const uint8_t *>(out + i * sz + self.msg_size_off)
             msz = h[0] | (<uint32_t>h[1] << 8)
             if msz < self.header_size or msz > sz:
-                self.pending_bad = msz
-                self.dropped += 1
+                self._keep_bad(out + i * sz, msz)
                 self.rx_idx = (self.rx_idx + i + 1) % n
                 return i
         self.rx_idx = first

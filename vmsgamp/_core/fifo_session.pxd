@@ -65,6 +65,8 @@ cdef class FifoSession:
     cdef uint16_t my_status             # what I last wrote to my status word (under _status_lock)
     cdef int _status_lock               # spin lock: my_status and its store (vmsgamp_io.h)
     cdef char *_scratch                 # private copy of one slot (msg_size is read from here)
+    cdef char *_bad_slot                # private copy of the slot behind pending_bad
+    cdef uint32_t _bad_len              # its length (the slot size when it was read)
     cdef int _closed                    # close() was called (read without the GIL by waiters)
     cdef int _active                    # calls in progress that may touch the mapping
     cdef long long _size_polled_ns      # last fstat of the shared object (idle waits)
@@ -73,7 +75,7 @@ cdef class FifoSession:
     cdef int fstate                     # FSTATE_* (private)
     cdef bint peer_seen_run
     cdef readonly object broken_reason
-    cdef int pending_bad                # a bad msg_size consumed (its slot in _scratch), reported next
+    cdef int pending_bad                # a bad msg_size consumed (its slot in _bad_slot), reported next
     cdef public long long spin_ns       # spin before blocking in waits
     cdef bint _pinned
 

@@ -153,10 +153,13 @@ cdef class FifoSession:
         # shared memory, so one value decides both the check and the length.
         # Room for the largest slot a layout can describe, allocated once, so
         # a later start() with another geometry never frees it under a user.
+        # The second half keeps the last malformed slot until it is reported.
         if self._scratch == NULL:
-            self._scratch = <char *>malloc(0x10000)
+            self._scratch = <char *>malloc(2 * 0x10000)
             if self._scratch == NULL:
                 raise MemoryError()
+            self._bad_slot = self._scratch + 0x10000
+            self._bad_len = 0
         return 0
 
     # ---- guards: every call that touches the mapping -----------------------------
@@ -482,7 +485,7 @@ cdef class FifoSession:
         if self._pinned and self.region is not None:
             self.region.unpin()
         free(self._scratch)
-        self._scratch = NULL
+        self._scratch = self._bad_slot = NULL
 
     def __enter__(self):
         return self
