@@ -9,7 +9,8 @@ broken), our own status word, the Gen B handshake and the way a session ends
 Gen B handshake (docs/virtio-msg.md), the same on both sides:
 
   1. own status INIT, then own queue magic "QO";
-  2. wait for the peer's magic and a live state;
+  2. wait for the peer's magic and a live state (the driver: not RUN,
+     which is a device still in an earlier session);
   3. own indices zero, then READY;
   4. wait while the peer is INIT;
   5. RUN: traffic may start.
