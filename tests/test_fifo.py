@@ -302,6 +302,66 @@ def test_bad_msg_size_is_dropped_and_nothing_else_lost(layout, bad_size):
     assert dev.dropped == 2
 
 
+def _slot_as_written(dev, peer, i, bad_size):
+    """Slot ``i`` of the peer's ring as our FIFO must report it: the message
+    the peer wrote, with the impossible msg_size poked in."""
+    want = bytearray(make_msg(i).ljust(dev.slot_size, b"\0"))
+    struct.pack_into("<H", want, peer.msg_size_off, bad_size & 0xFFFF)
+    return bytes(want)
+
+
+@pytest.mark.parametrize("layout", ["b", "a"])
+def test_bad_msg_size_carries_the_slot_that_was_read(layout):
+    """The dropped message goes with its report: the whole slot, as read (a
+    tracer records it; the capture format says "at most one slot")."""
+    dev, peer = _dev_with_peer(layout)
+    buf = bytearray(64 * 8)
+    for i in range(3):
+        assert peer.send(make_msg(i))
+    peer.poke_slot_size(0, 0xFFFF)
+    with pytest.raises(BadMessageSize) as e:
+        dev.try_recv(buf)
+    assert e.value.msg_size == 0xFFFF
+    assert e.value.data == _slot_as_written(dev, peer, 0, 0xFFFF)
+    # in a burst: reported by the next call, from our own copy
+    peer.poke_slot_size(2, 3)
+    assert dev.recv_burst(buf) == 1
+    for i in range(3, 6):                  # the burst buffer is reused meanwhile
+        assert peer.send(make_msg(i))
+    with pytest.raises(BadMessageSize) as e:
+        dev.recv_burst(buf, max_count=1)
+    assert e.value.msg_size == 3 and e.value.data == _slot_as_written(dev, peer, 2, 3)
+    # recv_many: good messages first, the bad one (and its bytes) next call
+    peer.poke_slot_size(4, 0)
+    assert len(dev.recv_many()) == 1
+    with pytest.raises(BadMessageSize) as e:
+        dev.recv_many()
+    assert e.value.data == _slot_as_written(dev, peer, 4, 0)
+    assert dev.dropped == 3
+
+
+def test_a_tracer_records_the_malformed_slot_as_read(tmp_path):
+    """What BadMessageSize carries is what the capture holds for a malformed
+    slot (pcapng: "the bytes that were read, at most one slot"), and it reads
+    back as malformed."""
+    from vmsgamp.trace import DIR_OUTBOUND, Tracer, line, message_entry, read_capture
+
+    dev, peer = _dev_with_peer("b")
+    assert peer.send(make_msg(7))
+    peer.poke_slot_size(0, 0xFFFF)
+    with pytest.raises(BadMessageSize) as e:
+        dev.try_recv(bytearray(64))
+    path = tmp_path / "bad.pcapng"
+    with Tracer(path, background=False) as tr:
+        tap = tr.tap("memfd:bad", role="device")
+        tap.rx(e.value.data)
+    _, packets = read_capture(path)
+    assert [p.data for p in packets] == [e.value.data]
+    assert len(packets[0].data) == dev.slot_size and packets[0].direction == DIR_OUTBOUND
+    entry = message_entry(packets[0].data)
+    assert "malformed" in line(packets[0].time_ns, packets[0].direction, entry)
+
+
 def test_peer_silent_restart_is_reported_not_mixed():
     dev, peer = _dev_with_peer("b")
     assert peer.send(make_msg(1))

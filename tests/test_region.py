@@ -96,3 +96,33 @@ def test_bad_construction():
         Region.from_fd(-1, 4096)
     with pytest.raises(ValueError):
         Region.from_fd(0, 0)
+
+
+def test_dealloc_uses_no_module_globals(monkeypatch):
+    """At interpreter shutdown a module's globals may already be None: a
+    Region collected then must still unmap and close its fd (C calls only),
+    directly or through the last unpin of a FIFO that outlived close()."""
+    import gc
+    import sys
+    import threading
+
+    import vmsgamp._core.region as region_mod
+    from vmsgamp._core.fifo import MsgFifo
+
+    unraisable = []
+    r = Region.memfd(16384)
+    fd = r.fileno()
+    fifo_region = Region.memfd(16384)
+    fifo_fd = fifo_region.fileno()
+    fifo = MsgFifo(fifo_region, role="device")
+    fifo_region.close()               # deferred: the FIFO still pins it
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setattr(region_mod, "os", None)
+    del r, fifo_region
+    del fifo                          # its __dealloc__ unpins: the region unmaps now
+    gc.collect()
+    monkeypatch.undo()
+    assert unraisable == []
+    for f in (fd, fifo_fd):
+        with pytest.raises(OSError):
+            os.fstat(f)

@@ -20,11 +20,13 @@ class RemoteProtocolError(VmsgampError):
 
 class BadMessageSize(RemoteProtocolError):
     """A FIFO slot held a msg_size outside [header size, slot size]; the
-    message was consumed and dropped."""
+    message was consumed and dropped.  ``data`` is what was read: the whole
+    slot (a message is at most one slot), for a tracer to record."""
 
-    def __init__(self, msg_size: int, low: int, high: int):
+    def __init__(self, msg_size: int, low: int, high: int, data: bytes = b""):
         super().__init__(f"peer message has msg_size {msg_size}, outside [{low}, {high}]; dropped")
         self.msg_size = msg_size
+        self.data = data
 
 
 class LayoutError(VmsgampError, ValueError):

@@ -248,7 +248,8 @@ struct vmk_ctx {
     volatile uint8_t *my_qh, *peer_qh, *tx_elems, *rx_elems;
     uint16_t num_slots, slot_size;
     uint16_t tx_idx, rx_idx;     /* shadows of our producer / consumer index */
-    uint16_t peer_cons, peer_prod; /* last validated driver consumer / producer index */
+    uint16_t peer_cons_cache;    /* last validated driver consumer index */
+    uint16_t peer_prod_cache;    /* last validated driver producer index */
     uint16_t my_status;
     bool peer_seen_run;
     bool session_lost;           /* the FIFO dropped the session: devices need a reset */

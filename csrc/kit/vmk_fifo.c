@@ -2,17 +2,14 @@
  * vmk_fifo.c - the Gen B layout (csrc/vmamp_shmem.h) from the device side:
  * layout writer, queue-head handshake, message FIFO.
  *
- * Index names by role.  Each queue head holds two indices; the table below
- * is the only place that maps them to the layout's field names:
- *
- *   role                                         field (vmamp_shmem.h)
- *   producer index: next slot I fill in MY array     tail  (VMAMP_QH_OFF_TAIL)
- *   consumer index: next slot I read in PEER's array head  (VMAMP_QH_OFF_HEAD)
+ * Indices are named by role, never "head"/"tail" (the two layouts give the
+ * same role opposite names), as in vmsgamp's Cython FIFO (fifo_ring.pyx):
+ * our queue head holds our producer index (VMAMP_QH_OFF_PROD: next slot we
+ * fill in our array) and our consumer index (VMAMP_QH_OFF_CONS: next slot we
+ * read in the driver's array).  csrc/vmamp_shmem.h holds the one table that
+ * maps the roles to the layout's field names.
  */
 #include "vmk_internal.h"
-
-#define QH_PRODUCER VMAMP_QH_OFF_TAIL
-#define QH_CONSUMER VMAMP_QH_OFF_HEAD
 
 /*
  * Memory-order pairs:
@@ -117,9 +114,9 @@ int vmk_fifo_step(struct vmk_ctx *ctx, bool *lost)
          * now, so a returning driver finds us READY and needs no retry. */
         if (magic != VMAMP_QUEUE_MAGIC || st == VMAMP_STATE_RUN || st > VMAMP_STATE_PEER_DEAD)
             return 0;
-        vm_store16(ctx->my_qh + QH_PRODUCER, 0, VM_RELAXED);   /* ordered by R3 below */
-        vm_store16(ctx->my_qh + QH_CONSUMER, 0, VM_RELAXED);
-        ctx->tx_idx = ctx->rx_idx = ctx->peer_cons = ctx->peer_prod = 0;
+        vm_store16(ctx->my_qh + VMAMP_QH_OFF_PROD, 0, VM_RELAXED);   /* ordered by R3 below */
+        vm_store16(ctx->my_qh + VMAMP_QH_OFF_CONS, 0, VM_RELAXED);
+        ctx->tx_idx = ctx->rx_idx = ctx->peer_cons_cache = ctx->peer_prod_cache = 0;
         write_status(ctx, VMAMP_STATE_READY);
         ctx->session = VMK_S_READY;
         return 1;
@@ -154,14 +151,14 @@ int vmk_fifo_recv(struct vmk_ctx *ctx, uint8_t *buf)
 {
     if (ctx->session != VMK_S_RUN)
         return 0;
-    if (ctx->rx_idx == ctx->peer_prod) {
-        uint16_t p = vm_load16(ctx->peer_qh + QH_PRODUCER, VM_ACQUIRE);   /* A1 */
+    if (ctx->rx_idx == ctx->peer_prod_cache) {
+        uint16_t p = vm_load16(ctx->peer_qh + VMAMP_QH_OFF_PROD, VM_ACQUIRE);   /* A1 */
         if (p >= ctx->num_slots) {
             ctx->stats.fifo_errors++;
             vmk_fifo_drop_session(ctx, "driver producer index out of range", p, ctx->num_slots);
             return -1;
         }
-        ctx->peer_prod = p;
+        ctx->peer_prod_cache = p;
         if (p == ctx->rx_idx)
             return 0;
     }
@@ -169,7 +166,7 @@ int vmk_fifo_recv(struct vmk_ctx *ctx, uint8_t *buf)
     vm_copy_from_shared(buf, ctx->rx_elems + (size_t)ctx->rx_idx * ctx->slot_size, ctx->slot_size,
                         ctx->cfg.memtype);
     ctx->rx_idx = (uint16_t)((ctx->rx_idx + 1u) % ctx->num_slots);
-    vm_store16(ctx->my_qh + QH_CONSUMER, ctx->rx_idx, VM_RELEASE);   /* R2 */
+    vm_store16(ctx->my_qh + VMAMP_QH_OFF_CONS, ctx->rx_idx, VM_RELEASE);   /* R2 */
     return 1;
 }
 
@@ -178,17 +175,17 @@ unsigned vmk_fifo_free(struct vmk_ctx *ctx)
     unsigned n = ctx->num_slots;
     if (ctx->session != VMK_S_RUN)
         return 0;
-    uint16_t c = vm_load16(ctx->peer_qh + QH_CONSUMER, VM_ACQUIRE);   /* A2 */
-    unsigned adv = (c + n - ctx->peer_cons) % n;
-    unsigned outstanding = (ctx->tx_idx + n - ctx->peer_cons) % n;
+    uint16_t c = vm_load16(ctx->peer_qh + VMAMP_QH_OFF_CONS, VM_ACQUIRE);   /* A2 */
+    unsigned adv = (c + n - ctx->peer_cons_cache) % n;
+    unsigned outstanding = (ctx->tx_idx + n - ctx->peer_cons_cache) % n;
     if (c >= n || adv > outstanding) {
         /* It may only move forward through what we published. */
         ctx->stats.fifo_errors++;
         vmk_fifo_drop_session(ctx, "driver consumer index impossible", c, ctx->tx_idx);
         return 0;
     }
-    ctx->peer_cons = c;
-    return (ctx->peer_cons + n - 1u - ctx->tx_idx) % n;
+    ctx->peer_cons_cache = c;
+    return (ctx->peer_cons_cache + n - 1u - ctx->tx_idx) % n;
 }
 
 bool vmk_fifo_send(struct vmk_ctx *ctx, const uint8_t *msg)
@@ -204,7 +201,7 @@ bool vmk_fifo_send(struct vmk_ctx *ctx, const uint8_t *msg)
     if (msz < ctx->slot_size)
         vm_zero_shared(slot + msz, ctx->slot_size - msz, ctx->cfg.memtype);
     ctx->tx_idx = (uint16_t)((ctx->tx_idx + 1u) % ctx->num_slots);
-    vm_store16(ctx->my_qh + QH_PRODUCER, ctx->tx_idx, VM_RELEASE);   /* R1 */
+    vm_store16(ctx->my_qh + VMAMP_QH_OFF_PROD, ctx->tx_idx, VM_RELEASE);   /* R1 */
     ctx->stats.tx_messages++;
     ctx->unsignalled = true;
     return true;
@@ -243,7 +240,7 @@ bool vmk_fifo_pending(struct vmk_ctx *ctx)
         return false;
     if ((peer_status(ctx) & VMAMP_STATE_MASK) != VMAMP_STATE_RUN)
         return true;   /* a state change to handle */
-    return vm_load16(ctx->peer_qh + QH_PRODUCER, VM_ACQUIRE) != ctx->rx_idx;   /* A1 */
+    return vm_load16(ctx->peer_qh + VMAMP_QH_OFF_PROD, VM_ACQUIRE) != ctx->rx_idx;   /* A1 */
 }
 
 void vmk_fifo_shutdown(struct vmk_ctx *ctx)

@@ -1,68 +1,37 @@
-from typing import Any, Iterable, Literal, TypeAlias
+from typing import Iterable
 
-from vmsgamp._core.doorbell import Doorbell
-from vmsgamp._core.region import Region
-
-Role: TypeAlias = Literal["device", "driver"]
-LayoutName: TypeAlias = Literal["b", "a"]
-HeaderName: TypeAlias = Literal["g2", "g1"]
-PlacementName: TypeAlias = Literal["0/4k", "4k/8k"]
-
-LAYOUT_B: int
-LAYOUT_A: int
-ROLE_DEVICE: int
-ROLE_DRIVER: int
-STATE_NAMES: dict[int, str]
-PLACEMENTS: dict[str, tuple[int, int]]
-HEADERS: dict[str, tuple[int, int]]
-DEFAULT_SPIN_NS: int
+from vmsgamp._core.fifo_layout import (
+    STATE_NAMES as STATE_NAMES,
+    default_layout as default_layout,
+    device_layout as device_layout,
+    read_layout as read_layout,
+    read_layout_stable as read_layout_stable,
+    state_name as state_name,
+    validate_layout as validate_layout,
+)
+from vmsgamp._core.fifo_ring import FifoRing as FifoRing
+from vmsgamp._core.fifo_session import (
+    DEFAULT_SPIN_NS as DEFAULT_SPIN_NS,
+    HEADERS as HEADERS,
+    LAYOUT_A as LAYOUT_A,
+    LAYOUT_B as LAYOUT_B,
+    ROLE_DEVICE as ROLE_DEVICE,
+    ROLE_DRIVER as ROLE_DRIVER,
+    FifoSession as FifoSession,
+    HeaderName as HeaderName,
+    LayoutName as LayoutName,
+    PlacementName as PlacementName,
+    Role as Role,
+)
+from vmsgamp._core.fifo_spsc import PLACEMENTS as PLACEMENTS
 
 Buffer = bytes | bytearray | memoryview
 
-def state_name(status: int) -> str: ...
-def default_layout(window: int, slot_size: int = ...) -> dict[str, int]: ...
-def read_layout(region: Region, offset: int = ...) -> dict[str, int]: ...
-def validate_layout(lay: dict[str, int], window: int, min_slot: int = ...) -> dict[str, int]: ...
-
-class MsgFifo:
-    region: Region
-    doorbell: Doorbell
-    layout: int
-    role: int
-    offset: int
-    window: int
-    num_slots: int
-    slot_size: int
-    header_size: int
-    broken_reason: str | None
-    spin_ns: int
-    status_flags: int
-    sent: int
-    received: int
-    dropped: int
-    rings: int
-    sleeps: int
-    def __init__(self, region: Region, *, role: Role = ..., layout: LayoutName = ..., offset: int = ...,
-                 window: int | None = ..., doorbell: Doorbell | None = ..., header: HeaderName = ...,
-                 placement: PlacementName = ..., slot_size: int = ...,
-                 spin_us: float | None = ...) -> None: ...
+class MsgFifo(FifoRing):
     def start(self, timeout: float = ..., *, reset: bool = ..., fresh: bool = ...) -> MsgFifo: ...
-    def rearm(self) -> None: ...
-    def shutdown(self) -> None: ...
-    def close(self) -> None: ...
     def __enter__(self) -> MsgFifo: ...
-    def __exit__(self, *exc: object) -> None: ...
-    @property
-    def state(self) -> Literal["new", "running", "stopped", "broken"]: ...
-    @property
-    def closed(self) -> bool: ...
-    @property
-    def max_msg_size(self) -> int: ...
-    def peer_state(self) -> str | None: ...
-    def my_state(self) -> str | None: ...
     def pending(self) -> int: ...
     def free_slots(self) -> int: ...
-    def stats(self) -> dict[str, Any]: ...
     def try_send(self, buf: Buffer) -> bool: ...
     def try_recv(self, into: bytearray | memoryview) -> int: ...
     def send(self, buf: Buffer, timeout: float | None = ...) -> bool: ...

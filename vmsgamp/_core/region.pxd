@@ -33,6 +33,7 @@ cdef class Region:
     cdef char *_word(self, size_t off, size_t width) except NULL
     cdef int _writable(self) except -1
     cdef void _maybe_unmap(self) noexcept
+    cdef void _close_fd(self) noexcept
 
 
 # ---- the lost check, for every module that keeps raw pointers into a Region ----

@@ -29,6 +29,7 @@ from libc.errno cimport errno
 from libc.string cimport strerror
 from posix.mman cimport mmap, munmap, PROT_READ, PROT_WRITE, MAP_SHARED, MAP_FAILED
 from posix.stat cimport struct_stat, fstat, S_ISREG
+from posix.unistd cimport close as c_close
 
 import fcntl
 import os
@@ -251,12 +252,7 @@ cdef class Region:
         self._unmapped = True
         self.base = NULL
         self._map_base = NULL
-        if self._fd >= 0:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = -1
+        self._close_fd()
         # _on_close may be None here when the cyclic GC cleared this object
         callbacks, self._on_close = self._on_close or [], []
         for cb in callbacks:
@@ -337,14 +333,22 @@ cdef class Region:
     def __exit__(self, *exc):
         self.close()
 
+    cdef void _close_fd(self) noexcept:
+        # C close(), not os.close: this also runs from __dealloc__ (directly or
+        # through the last unpin), and at interpreter shutdown the module's
+        # globals such as ``os`` may already be None.  An error from close()
+        # leaves nothing to undo: the fd is gone either way (Linux).
+        if self._fd >= 0:
+            c_close(self._fd)
+            self._fd = -1
+
     def __dealloc__(self):
+        # C calls only (munmap, close): see _close_fd.
         if not self._unmapped and self._map_base != NULL:
             self._unguard()
             munmap(self._map_base, self._map_len)
             self._unmapped = True
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        self._close_fd()
 
     def __repr__(self):
         state = "closed" if self.closed else ("lost" if self.lost else "open")

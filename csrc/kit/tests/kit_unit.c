@@ -503,7 +503,7 @@ static void test_hostile_fifo(void)
     CHECK(probe(1, F_RING | 1, &i2cq, 1, 32) == 0x0f);
     still_serving("20000 random messages");
     /* producer index out of range: the session is dropped, devices reset */
-    qh_set(drv_qh, VMAMP_QH_OFF_TAIL, 1000);
+    qh_set(drv_qh, VMAMP_QH_OFF_PROD, 1000);
     poll_n(2);
     CHECK(ctx.session != VMK_S_RUN);
     CHECK(ctx.stats.fifo_errors == 1);
@@ -513,7 +513,7 @@ static void test_hostile_fifo(void)
     CHECK(probe(1, F_RING | 1, &i2cq, 1, 32) == 0x0f);
     still_serving("producer index out of range");
     /* consumer index running ahead of what the device sent */
-    qh_set(drv_qh, VMAMP_QH_OFF_HEAD, (uint16_t)((drv_cons + 10) % n_slots));
+    qh_set(drv_qh, VMAMP_QH_OFF_CONS, (uint16_t)((drv_cons + 10) % n_slots));
     poll_n(2);
     CHECK(ctx.session != VMK_S_RUN && ctx.stats.fifo_errors == 2);
     CHECK(drv_connect());
@@ -523,7 +523,7 @@ static void test_hostile_fifo(void)
     for (int i = 0; i < 200; i++) {
         uint8_t p[4] = {1, 2, 3, 4};
         build(m, 2, VMK_BUS_PING, 0, p, 4);
-        if ((uint16_t)((drv_prod + 1) % n_slots) == vm_load16(dev_qh + VMAMP_QH_OFF_HEAD, VM_ACQUIRE))
+        if ((uint16_t)((drv_prod + 1) % n_slots) == vm_load16(dev_qh + VMAMP_QH_OFF_CONS, VM_ACQUIRE))
             break;
         drv_send_raw(m);
         vmk_poll(&ctx);

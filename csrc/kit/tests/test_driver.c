@@ -77,17 +77,17 @@ void drv_send_raw(const uint8_t *msg64)
 {
     memcpy(drv_el + (size_t)drv_prod * 64, msg64, 64);
     drv_prod = (uint16_t)((drv_prod + 1) % n_slots);
-    qh_set(drv_qh, VMAMP_QH_OFF_TAIL, drv_prod);
+    qh_set(drv_qh, VMAMP_QH_OFF_PROD, drv_prod);
 }
 
 /* Next message from the device, or 0. */
 int drv_recv(uint8_t *out)
 {
-    if (qh_get(dev_qh, VMAMP_QH_OFF_TAIL) == drv_cons)
+    if (qh_get(dev_qh, VMAMP_QH_OFF_PROD) == drv_cons)
         return 0;
     memcpy(out, dev_el + (size_t)drv_cons * 64, 64);
     drv_cons = (uint16_t)((drv_cons + 1) % n_slots);
-    qh_set(drv_qh, VMAMP_QH_OFF_HEAD, drv_cons);
+    qh_set(drv_qh, VMAMP_QH_OFF_CONS, drv_cons);
     return get16(out + 6);
 }
 
@@ -180,8 +180,8 @@ bool drv_connect(void)
     qh_set(drv_qh, VMAMP_QH_OFF_STATUS, VMAMP_STATUS_F_SUPPRESS | VMAMP_STATE_INIT);
     qh_set(drv_qh, VMAMP_QH_OFF_MAGIC, VMAMP_QUEUE_MAGIC);
     drv_prod = drv_cons = 0;
-    qh_set(drv_qh, VMAMP_QH_OFF_TAIL, 0);
-    qh_set(drv_qh, VMAMP_QH_OFF_HEAD, 0);
+    qh_set(drv_qh, VMAMP_QH_OFF_PROD, 0);
+    qh_set(drv_qh, VMAMP_QH_OFF_CONS, 0);
     qh_set(drv_qh, VMAMP_QH_OFF_STATUS, VMAMP_STATUS_F_SUPPRESS | VMAMP_STATE_READY);
     for (int i = 0; i < 10 && (qh_get(dev_qh, VMAMP_QH_OFF_STATUS) & VMAMP_STATE_MASK) == VMAMP_STATE_INIT; i++)
         vmk_poll(&ctx);

@@ -1,0 +1,3 @@
+from vmsgamp._core.fifo_session import FifoSession
+
+class FifoRing(FifoSession): ...

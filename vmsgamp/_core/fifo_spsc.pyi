@@ -1,0 +1,3 @@
+PLACEMENTS: dict[str, tuple[int, int]]
+
+def placement_window(placement: str) -> int: ...
