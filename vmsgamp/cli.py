@@ -189,6 +189,20 @@ def _version() -> str:
         return __version__
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the installed version, looked up only when asked
+    (importlib.metadata costs ~30 ms at every start otherwise)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str = "show program's version number and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser._print_message(f"vmsgamp {_version()}\n", sys.stdout)
+        parser.exit()
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or (``command`` given) one whose other commands are
     stubs that only list themselves in ``vmsgamp --help``."""
@@ -198,7 +212,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     "device side of an AMP bus, drive them from the driver side, and inspect, "
                     "emulate and measure the bus.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"vmsgamp {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging on stderr (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

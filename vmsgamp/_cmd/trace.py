@@ -18,8 +18,8 @@ from typing import Any
 from vmsgamp._cmd._output import emit
 from vmsgamp.cli import CliError, UsageError
 
-_JSON_HELP = ("JSON Lines on stdout (a streaming command, the exception to --json's one object; with "
-              "--dissector-path one object), one object per line as it happens: {\"record\": \"message\", time_ns, direction, "
+_JSON_HELP = ("JSON Lines on stdout (a stream, also with -c or --duration: the one exception to --json's "
+              "single object; with --dissector-path one object), one object per line as it happens: {\"record\": \"message\", time_ns, direction, "
               "interface, profile, hex, and the `vmsgamp decode --json` fields}, {\"record\": \"missed\", "
               "count, at_least, ...} where messages went by unread, {\"record\": \"bus\", text} when the bus "
               "comes up or goes down, and last {\"record\": \"end\", messages, missed, ...}. With -w (and "
