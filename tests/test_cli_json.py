@@ -294,3 +294,16 @@ def test_the_public_api_is_all_there():
     assert vmsgamp.protocol.decode is not None          # a subpackage as an attribute, as before
     with pytest.raises(AttributeError):
         vmsgamp.no_such_name
+
+
+def test_a_bug_still_gives_the_object_and_exit_1(monkeypatch, capsys):
+    import vmsgamp._cmd.decode as decode
+
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(decode, "run", broken)
+    with pytest.raises(RuntimeError):       # the traceback is kept: python exits 1 with it
+        main(["decode", "00", "--json"])
+    obj = one_object(capsys.readouterr().out)
+    assert obj["exit_code"] == 1 and obj["error"] == "internal error: RuntimeError: boom"

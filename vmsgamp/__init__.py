@@ -63,21 +63,24 @@ if TYPE_CHECKING:   # what type checkers see: the same names, imported eagerly
     )
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        # ``import vmsgamp; vmsgamp.protocol.decode(...)`` worked when the
-        # package imported its subpackages eagerly: keep it working.
-        if not name.startswith("__"):
-            try:
-                return importlib.import_module(f"vmsgamp.{name}")
-            except ModuleNotFoundError as e:
-                if e.name != f"vmsgamp.{name}":
-                    raise
-        raise AttributeError(f"module 'vmsgamp' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value      # next time a plain attribute: no hook
-    return value
+# Hidden from type checkers: they see the names above, and a typo such as
+# ``vmsgamp.AmpBuss`` stays an error instead of an Any.
+if not TYPE_CHECKING:
+    def __getattr__(name: str) -> Any:
+        module = _LAZY.get(name)
+        if module is None:
+            # ``import vmsgamp; vmsgamp.protocol.decode(...)`` worked when the
+            # package imported its subpackages eagerly: keep it working.
+            if not name.startswith("__"):
+                try:
+                    return importlib.import_module(f"vmsgamp.{name}")
+                except ModuleNotFoundError as e:
+                    if e.name != f"vmsgamp.{name}":
+                        raise
+            raise AttributeError(f"module 'vmsgamp' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value      # next time a plain attribute: no hook
+        return value
 
 
 def __dir__() -> list[str]:

@@ -272,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if isinstance(e, VmsgampError):
                 return _fail(args, _one_line(e), EXIT_ERROR)
+            # A bug: the traceback on stderr and exit 1 as always, and with
+            # --json still the one object a script waits for.
+            _output.emit_error(args, f"internal error: {type(e).__name__}: {_one_line(e)}", EXIT_ERROR)
             raise
 
 
