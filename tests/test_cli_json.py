@@ -212,6 +212,7 @@ def test_endpoint_commands_on_a_live_bus(bus, tmp_path):
     ["devices", "--region", "shm:vmsgamp-json-surely-missing"],
     ["trace", "--region", "shm:vmsgamp-json-surely-missing", "--timeout", "0.1"],
     ["bench", "fifo", "--cpus", "98,99", "--msgs", "100"],
+    ["doctor", "ivshmem:/nonexistent-dir/x.sock"],                  # the report, with the error
 ])
 def test_runtime_errors_are_one_object_exit_1(argv):
     p = vm(*argv, "--json")

@@ -62,8 +62,12 @@ def print_json(obj: dict[str, Any]) -> None:
 
 
 def emit(args: argparse.Namespace, obj: dict[str, Any], human: str) -> None:
-    """``obj`` as JSON with ``--json``, else ``human``."""
+    """``obj`` as JSON with ``--json``, else ``human``.  A result that holds
+    an ``"error"`` (decode, doctor, emulate: the report, then a CliError)
+    gets the ``"exit_code"`` that follows, like the error object."""
     if getattr(args, "json", False):
+        if "error" in obj:
+            obj = {"exit_code": 1, **obj}
         print_json(obj)
     else:
         sys.stdout.write(human + "\n")

@@ -106,7 +106,6 @@ def run(args: argparse.Namespace) -> int:
     out: dict[str, Any] = {"messages": entries}
     if error:
         out["error"] = error
-        out["exit_code"] = 1
     emit(args, out, "\n".join(format_line(i, e) for i, e in enumerate(entries)))
     if error:
         raise CliError(error)      # the reasons are on the lines above (once)

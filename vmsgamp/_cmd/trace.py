@@ -194,7 +194,7 @@ def print_capture(args: argparse.Namespace, path: str) -> int:
     if args.json:
         out: dict[str, Any] = {"messages": messages, "count": count, "file": path}
         if error:
-            out.update(error=error, exit_code=1)
+            out["error"] = error
         emit(args, out, "")
     if error:
         raise CliError(error)
