@@ -9,8 +9,8 @@ the error object on a failure only when nothing was printed yet.
 
 The one exception is a streaming command (``vmsgamp trace``): it prints JSON
 Lines, one object per record as it happens, because its output has no end a
-reader could wait for.  Its ``--json`` help says so (``add_json_arg(...,
-stream=True)``); an error then is one more line, the error object.
+reader could wait for.  Its ``--json`` help, ``vmsgamp --help`` and the
+README say so; an error then is one more line, the error object.
 """
 from __future__ import annotations
 
@@ -43,13 +43,9 @@ def wants_json(argv: list[str]) -> bool:
     return False
 
 
-def add_json_arg(p: argparse.ArgumentParser, what: str = "the result", *, stream: bool = False) -> None:
-    if stream:
-        text = (f"print {what} as JSON Lines on stdout: one object per line as it happens "
-                "(a streaming command: the exception to one object)")
-    else:
-        text = f"print {what} as one JSON object on stdout (also on failure: {{\"error\": ...}})"
-    p.add_argument("--json", action="store_true", help=text)
+def add_json_arg(p: argparse.ArgumentParser, what: str = "the result") -> None:
+    p.add_argument("--json", action="store_true",
+                   help=f"print {what} as one JSON object on stdout (also on failure: {{\"error\": ...}})")
 
 
 def print_json(obj: dict[str, Any]) -> None:
