@@ -146,11 +146,11 @@ def test_two_endpoints_and_a_passive_observer_see_the_same_messages(tmp_path, sh
     assert sum(ln.count("bus up") for ln in err.splitlines()) == 2
     # decode --pcap prints the capture exactly as trace printed it live.
     assert vm("decode", "--pcap", str(pas_cap)).stdout == printed
-    lines = vm("decode", "--pcap", str(pas_cap), "--json").stdout.splitlines()
-    records = [json.loads(ln) for ln in lines]
-    assert records[-1] == {"record": "end", "messages": len(records) - 1, "file": str(pas_cap)}
-    assert {r["direction"] for r in records[:-1]} == {"driver_to_device", "device_to_driver"}
-    assert all(r["interface"] == f"shm:{shm_name}" and r["profile"] == "g2" for r in records[:-1])
+    out = json.loads(vm("decode", "--pcap", str(pas_cap), "--json").stdout)   # one object
+    records = out["messages"]
+    assert out["count"] == len(records) == len(pas_out) + len(pas_in) and out["file"] == str(pas_cap)
+    assert {r["direction"] for r in records} == {"driver_to_device", "device_to_driver"}
+    assert all(r["interface"] == f"shm:{shm_name}" and r["profile"] == "g2" for r in records)
 
 
 def _account(n_seen: int, missed: int, at_least: bool, total: int) -> None:

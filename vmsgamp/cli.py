@@ -6,7 +6,9 @@ Each subcommand lives in its own module under ``vmsgamp/_cmd/`` exposing
 Conventions every command follows (``vmsgamp --help`` says them too):
 
 * ``--json``: stdout holds exactly one JSON object, also on failure
-  (``{"error": "..."}``); the one-line error still goes to stderr.
+  (``{"error": "...", "exit_code": N}``, usage errors included); the
+  one-line error still goes to stderr.  The exception: ``trace`` streams
+  JSON Lines (see ``_output``).
 * Errors: one line on stderr, ``vmsgamp COMMAND: error: ...``, exit 1.
   Usage errors (argparse): exit 2.
 * Ctrl-C (SIGINT): one line ``vmsgamp COMMAND: interrupted``, exit 130.
@@ -28,19 +30,29 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-COMMAND_MODULES = [
-    "vmsgamp._cmd.serve",
-    "vmsgamp._cmd.devices",
-    "vmsgamp._cmd.console",
-    "vmsgamp._cmd.emulate",
-    "vmsgamp._cmd.bench",
-    "vmsgamp._cmd.decode",
-    "vmsgamp._cmd.dump",
-    "vmsgamp._cmd.ivshmem_server",
-    "vmsgamp._cmd.vhost_user",
-    "vmsgamp._cmd.doctor",
-    "vmsgamp._cmd.trace",
-]
+# Every command: its module (whose ``register(subparsers)`` adds it) and its
+# one line in ``vmsgamp --help``.  Only the module of the command being run is
+# imported; the others appear as stubs with this line, so ``vmsgamp --help``
+# and each command start without loading numpy, the bus or the carriers of
+# every other command.  tests/test_cli_json.py checks the lines against the
+# modules' own.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("vmsgamp._cmd.serve", "run device models on the device side of an AMP bus"),
+    "devices": ("vmsgamp._cmd.devices", "enumerate the devices on a bus (driver side)"),
+    "ping": ("vmsgamp._cmd.devices", "bus PING round trips (driver side)"),
+    "console": ("vmsgamp._cmd.console", "attach this terminal to a console device (driver side)"),
+    "emulate": ("vmsgamp._cmd.emulate", "run a whole AMP system on this machine and exercise every device"),
+    "bench": ("vmsgamp._cmd.bench", "measure FIFOs, virtqueues and devices between two processes"),
+    "decode": ("vmsgamp._cmd.decode", "decode virtio-msg messages given as hex"),
+    "dump": ("vmsgamp._cmd.dump", "read-only view of the layout, queue heads and pending messages"),
+    "ivshmem-server": ("vmsgamp._cmd.ivshmem_server", "run a QEMU-compatible ivshmem server (laptop emulation)"),
+    "vhost-user": ("vmsgamp._cmd.vhost_user",
+                   "serve a device model to QEMU over vhost-user (vhost-user-rng/blk-pci)"),
+    "doctor": ("vmsgamp._cmd.doctor", "check UIO/PCI/VFIO devices, permissions and what a URI needs"),
+    "trace": ("vmsgamp._cmd.trace",
+              "watch a live bus read-only (tcpdump for virtio-msg), or write it to pcapng"),
+}
+COMMAND_MODULES = list(dict.fromkeys(mod for mod, _ in COMMANDS.values()))
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -52,7 +64,8 @@ EPILOG = """\
 exit codes: 0 ok, 1 error (one line on stderr), 2 usage error, 130 interrupted
 (Ctrl-C), 143 terminated (SIGTERM; 0 for serve, ivshmem-server and vhost-user,
 whose normal end that is).  With --json, stdout holds exactly one JSON object,
-also on failure ({"error": ...}).
+also on failure ({"error": ..., "exit_code": N}, usage errors included); the
+one exception is `trace`, which streams JSON Lines (one object per record).
 """
 
 
@@ -63,6 +76,25 @@ class CliError(Exception):
 class UsageError(CliError):
     """A usage mistake argparse cannot see, e.g. two options that exclude
     each other (exit code 2, like argparse's own)."""
+
+
+class _ArgumentError(Exception):
+    """argparse refused the command line (its usage is already on stderr)."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors raised instead of exiting, so that ``main``
+    reports them like every other error: one line, exit 2, and the error
+    object on stdout with ``--json``.  Subparsers inherit the class."""
+
+    def error(self, message: str) -> Any:   # argparse declares NoReturn
+        self.print_usage(sys.stderr)
+        raise _ArgumentError(self.prog, message)
 
 
 class Terminated(BaseException):
@@ -157,25 +189,41 @@ def _version() -> str:
         return __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _VersionAction(argparse.Action):
+    """``--version``: the installed version, looked up only when asked
+    (importlib.metadata costs ~30 ms at every start otherwise)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str = "show program's version number and exit"):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        parser._print_message(f"vmsgamp {_version()}\n", sys.stdout)
+        parser.exit()
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or (``command`` given) one whose other commands are
+    stubs that only list themselves in ``vmsgamp --help``."""
+    parser = _Parser(
         prog="vmsgamp",
         description="A Linux process as a virtio-msg-amp endpoint: serve device models on the "
                     "device side of an AMP bus, drive them from the driver side, and inspect, "
                     "emulate and measure the bus.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"vmsgamp {_version()}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging on stderr (-vv: debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue  # command not built yet
-            raise
-        mod.register(sub)
+    wanted = COMMANDS[command][0] if command in COMMANDS else None
+    for module in COMMAND_MODULES:
+        if command is None or module == wanted:
+            importlib.import_module(module).register(sub)
+            continue
+        for name, (mod, help_line) in COMMANDS.items():
+            if mod == module:
+                sub.add_parser(name, help=help_line, add_help=False)
     return parser
 
 
@@ -185,13 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     from vmsgamp._cmd import _output
 
     _output.reset()
-    args = argparse.Namespace(command=_guess_command(argv), json=False)
-    # Handlers first: building the parser imports every command module, and
+    words = sys.argv[1:] if argv is None else list(argv)
+    guessed = _guess_command(words)
+    args = argparse.Namespace(command=guessed, json=_output.wants_json(words))
+    # Handlers first: building the parser imports the command's module, and
     # a Ctrl-C meanwhile is one line too.
     with _signal_handlers():
         try:
-            parser = build_parser()
-            args = parser.parse_args(argv)
+            parser = build_parser(guessed if guessed in COMMANDS else "")
+            args = parser.parse_args(words)
             if not getattr(args, "func", None):
                 parser.print_help()
                 return EXIT_USAGE
@@ -209,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         except BrokenPipeError:
             return _broken_pipe()
+        except _ArgumentError as e:
+            return _fail(args, e.message, EXIT_USAGE, name=e.prog)
         except UsageError as e:
             return _fail(args, str(e), EXIT_USAGE)
         except CliError as e:
@@ -220,11 +272,15 @@ def main(argv: list[str] | None = None) -> int:
 
             if isinstance(e, VmsgampError):
                 return _fail(args, _one_line(e), EXIT_ERROR)
+            # A bug: the traceback on stderr and exit 1 as always, and with
+            # --json still the one object a script waits for.
+            _output.emit_error(args, f"internal error: {type(e).__name__}: {_one_line(e)}", EXIT_ERROR)
             raise
 
 
 def _guess_command(argv: list[str] | None) -> str | None:
-    """The subcommand's name before argparse has run (for a Ctrl-C then)."""
+    """The subcommand's name before argparse has run (the top-level options
+    take no value, so it is the first word that is not an option)."""
     words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
     return words[0] if words else None
 
@@ -241,13 +297,14 @@ def _one_line(e: BaseException) -> str:
     return " ".join(text.split())
 
 
-def _fail(args: argparse.Namespace, message: str, code: int, *, prefix: str = "error: ") -> int:
+def _fail(args: argparse.Namespace, message: str, code: int, *, prefix: str = "error: ",
+          name: str | None = None) -> int:
     from vmsgamp._cmd import _output
 
     try:
-        if getattr(args, "json", False) and not _output.printed():
-            _output.print_json({"error": message, "command": args.command, "exit_code": code})
-        name = f"vmsgamp {args.command}" if args.command else "vmsgamp"
+        _output.emit_error(args, message, code)
+        if name is None:
+            name = f"vmsgamp {args.command}" if args.command else "vmsgamp"
         print(f"{name}: {prefix}{message}", file=sys.stderr, flush=True)
     except BrokenPipeError:
         return _broken_pipe()

@@ -28,7 +28,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pcap", metavar="FILE",
                    help="decode a capture (pcapng from --trace or `vmsgamp trace -w`, or pcap) "
                         "instead: one line per message as `vmsgamp trace` prints them; with --json, "
-                        "JSON Lines as `vmsgamp trace --json` and a last {\"record\": \"end\"}")
+                        "one object {\"messages\": [...], \"count\", \"file\"}, each entry a record as "
+                        "`vmsgamp trace --json` prints it")
     p.add_argument("--profile", choices=("g2", "g1"), default="g2",
                    help="message header: g2 = 8 bytes with token, g1 = 6 bytes")
     p.add_argument("--max-msg-size", type=positive_int, default=SLOT_SIZE, metavar="BYTES",

@@ -15,9 +15,11 @@ import sys
 import time
 from typing import Any
 
+from vmsgamp._cmd._output import emit
 from vmsgamp.cli import CliError, UsageError
 
-_JSON_HELP = ("JSON Lines on stdout, one object per line: {\"record\": \"message\", time_ns, direction, "
+_JSON_HELP = ("JSON Lines on stdout (a stream, also with -c or --duration: the one exception to --json's "
+              "single object; with --dissector-path one object), one object per line as it happens: {\"record\": \"message\", time_ns, direction, "
               "interface, profile, hex, and the `vmsgamp decode --json` fields}, {\"record\": \"missed\", "
               "count, at_least, ...} where messages went by unread, {\"record\": \"bus\", text} when the bus "
               "comes up or goes down, and last {\"record\": \"end\", messages, missed, ...}. With -w (and "
@@ -159,11 +161,14 @@ class _Printer:
 
 
 def print_capture(args: argparse.Namespace, path: str) -> int:
-    """``decode --pcap``: print a capture as ``trace`` prints a live bus."""
-    from vmsgamp.trace import Capture, CaptureFormatError, LINKTYPE_USER0
+    """``decode --pcap``: print a capture as ``trace`` prints a live bus
+    (with ``--json`` one object holding the records ``trace`` would print)."""
+    from vmsgamp.trace import LINKTYPE_USER0, Capture, CaptureFormatError, message_entry, record
 
     printer = _Printer(args, show=True)
+    messages: list[dict[str, Any]] = []
     count = 0
+    error = None
     try:
         with Capture(path) as cap:
             for pkt in cap:
@@ -171,7 +176,11 @@ def print_capture(args: argparse.Namespace, path: str) -> int:
                 if iface.linktype != LINKTYPE_USER0:
                     continue
                 label = iface.name if len(cap.interfaces) > 1 else None
-                printer.message(pkt.time_ns, pkt.direction, pkt.data, iface.profile, iface.name, label)
+                if args.json:
+                    messages.append(record(pkt.time_ns, pkt.direction, pkt.data,
+                                           message_entry(pkt.data, iface.profile), iface.profile, iface.name))
+                else:
+                    printer.message(pkt.time_ns, pkt.direction, pkt.data, iface.profile, iface.name, label)
                 count += 1
     except BrokenPipeError:
         sys.stdout = open(os.devnull, "w")    # the reader went away (| head): stop quietly
@@ -179,12 +188,16 @@ def print_capture(args: argparse.Namespace, path: str) -> int:
     except FileNotFoundError:
         raise CliError(f"{path}: no such file") from None
     except CaptureFormatError as e:
-        sys.stdout.flush()
-        raise CliError(f"{path}: {e} (after {count} messages)") from None
+        error = f"{path}: {e} (after {count} messages)"
     finally:
         sys.stdout.flush()
     if args.json:
-        print(json.dumps({"record": "end", "messages": count, "file": path}))
+        out: dict[str, Any] = {"messages": messages, "count": count, "file": path}
+        if error:
+            out["error"] = error
+        emit(args, out, "")
+    if error:
+        raise CliError(error)
     return 0
 
 
@@ -214,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         from vmsgamp.trace import dissector_path
 
         path = dissector_path()
-        print(json.dumps({"dissector_path": path}) if args.json else path)
+        emit(args, {"dissector_path": path}, path)
         return 0
     if not args.region:
         raise UsageError("--region is required (or --dissector-path)")
