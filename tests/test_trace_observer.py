@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import struct
 
+import threading
+import time
+
 import pytest
 
 from conftest import start_pair
@@ -418,6 +421,57 @@ def test_a_whole_session_between_two_looks_is_counted():
             (DIR_OUTBOUND, 7, True), (DIR_INBOUND, 6, True)]
         assert not _missed(look())                   # said once
         assert obs.missed == 13 and obs.missed_at_least
+    finally:
+        bus.close()
+
+
+def test_a_whole_first_session_while_we_waited_is_counted():
+    """We started before any driver; a whole session (handshake, 3 requests,
+    shutdown) went by before our next look, which is the final one taken
+    within the waiting rate limit (Ctrl-C right after it).  We must say what
+    we missed, not claim that nothing happened."""
+    bus = Bus("b")
+    try:
+        bus.dev = MsgFifo(bus.region, role="device", layout="b", doorbell=bus.bells[0])
+        started = threading.Thread(target=bus.dev.start, args=(10,))
+        started.start()                              # writes the layout, waits for a driver
+        obs = _observer(bus)
+        deadline = time.monotonic() + 10
+        while not any(isinstance(r, Notice) and "waiting for both sides" in r.text
+                      for r in obs.poll(final=True)):
+            assert time.monotonic() < deadline, "the device side never wrote its layout"
+            time.sleep(0.001)
+        bus.drv = MsgFifo(bus.region, role="driver", layout="b", doorbell=bus.bells[1])
+        bus.drv.start(10)
+        started.join()
+        for i in range(1, 4):
+            bus.request(i)
+        bus.drv.close()                              # SHUTDOWN
+        recs = obs.poll(final=True)                  # within 2 ms of the last look
+        assert [(m.direction, m.count, m.at_least) for m in _missed(recs)] == [
+            (DIR_OUTBOUND, 3, True), (DIR_INBOUND, 3, True)]
+    finally:
+        bus.close()
+
+
+def test_a_session_ending_like_the_stale_one_before_it_is_told_by_its_indices():
+    """The driver head said SHUTDOWN when we started (an old session); a new
+    session came and went unseen and ended in SHUTDOWN too, with other
+    indices: counted.  The same indices again: nothing new, nothing said."""
+    bus = Bus("b")
+    try:
+        bus.start()
+        bus.request(1)
+        bus.drv.close()                              # an old, ended session: 1 and 1
+        obs = _observer(bus)
+        assert not _missed(obs.poll())
+        drv_qh = obs._drv_qh
+        bus.region.store16(drv_qh + 4, 4, "release")             # a new one sent 4
+        bus.region.store16(drv_qh + 6, 2, "release")             # and took 2
+        recs = obs.poll(final=True)
+        assert [(m.direction, m.count, m.at_least) for m in _missed(recs)] == [
+            (DIR_OUTBOUND, 4, True), (DIR_INBOUND, 2, True)]
+        assert not _missed(obs.poll(final=True))
     finally:
         bus.close()
 

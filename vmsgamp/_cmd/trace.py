@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
                 interrupted = True
             if stop_reason[:1] != ["count"]:
                 # One last look: what was published before we were told to stop.
-                handle(obs.poll())
+                handle(obs.poll(final=True))
         except BrokenPipeError:
             # The reader went away (| head): stop quietly.
             sys.stdout = open(os.devnull, "w")

@@ -63,6 +63,7 @@ _STATE_RUN = 2
 _STATE_SHUTDOWN, _STATE_PEER_DEAD = 3, 4
 _HOLDING = (_STATE_RUN, _STATE_SHUTDOWN, _STATE_PEER_DEAD)   # a side in these keeps its indices
 _QH_MAGIC, _QH_STATUS, _QH_TAIL, _QH_HEAD = 0, 2, 4, 6
+_UNKNOWN, _ABSENT = "unknown", "absent"   # the driver queue head at a look, when not a tuple
 _SPSC_HEAD, _SPSC_TAIL, _SPSC_PACKETS, _SPSC_SLOTS, _SPSC_SLOT = 0, 64, 128, 62, 64
 _HEADERS = {"g2": (8, 6), "g1": (6, 4)}   # header size, offset of msg_size
 
@@ -333,7 +334,10 @@ class Observer:
         self.missed = 0
         self.missed_at_least = False
         self._waiting: str | None = None   # why we are not following, once said
-        self._drv_seen: int | None = None   # the driver's state at our last look while waiting
+        # The driver's queue head at our last look while waiting: _UNKNOWN (no
+        # look since we started or since a session we followed), _ABSENT (no
+        # driver yet), or (state, producer index, consumer index).
+        self._drv_seen: tuple[int, int, int] | str = _UNKNOWN
         self._saw_down = False             # a session that starts now starts at index 0
         self._layout_key: tuple | None = None
         self._next_layout_check = 0.0
@@ -378,7 +382,11 @@ class Observer:
             return str(e)
 
     # ---- one look ------------------------------------------------------------------
-    def poll(self) -> list:
+    def poll(self, *, final: bool = False) -> list:
+        """What crossed the bus since the last look.  ``final``: the last look
+        before the caller stops, taken even within the waiting rate limit."""
+        if final:
+            self._next_layout_check = 0.0
         now = time.time_ns()
         out: list = []
         if self.layout == "b":
@@ -431,7 +439,7 @@ class Observer:
                 return
             self.up = True
             self.sessions += 1
-            self._drv_seen = None
+            self._drv_seen = _UNKNOWN
             n = self.rings[0].n
             self._notice(now, out, f"bus up: layout B, {n} slots of {self.rings[0].slot} bytes each way"
                          + ("" if self._saw_down else " (joined a running session)"), True)
@@ -536,18 +544,24 @@ class Observer:
 
     def _unseen_session(self, now: int, out: list) -> None:
         """A whole session can come and go between two looks (a short one on a
-        busy machine).  The driver's queue head gives it away: it went from
-        another state to SHUTDOWN/PEER_DEAD while we never saw RUN on both
-        sides, and its indices count (modulo the ring) what it sent and took."""
+        busy machine).  The driver's queue head gives it away: it is now in
+        SHUTDOWN/PEER_DEAD, and at our last look there was no driver, or one in
+        another state, or one shut down with other indices (a new session
+        zeroes them).  Its indices count, modulo the ring, what it sent and
+        took: a lower bound.  Not seen: a session that ended with the very
+        indices of the stale one before it."""
         r = self.region
         magic = r.load16(self._drv_qh + _QH_MAGIC, "acquire")
         state = r.load16(self._drv_qh + _QH_STATUS, "acquire") & _STATE_MASK   # A3
+        sent = r.load16(self._drv_qh + _QH_TAIL, "acquire")   # A1: its producer index
+        took = r.load16(self._drv_qh + _QH_HEAD, "acquire")   # A2: its consumer index
+        cur: tuple[int, int, int] | str = (state, sent, took) if magic == _QO_MAGIC else _ABSENT
+        prev, self._drv_seen = self._drv_seen, cur
         gone = magic == _QO_MAGIC and state in (_STATE_SHUTDOWN, _STATE_PEER_DEAD)
-        prev, self._drv_seen = self._drv_seen, (state if magic == _QO_MAGIC else None)
-        if not gone or prev is None or prev in (_STATE_SHUTDOWN, _STATE_PEER_DEAD):
+        if not gone or prev == _UNKNOWN:
             return
-        sent = r.load16(self._drv_qh + _QH_TAIL, "acquire")   # A1: its final producer index
-        took = r.load16(self._drv_qh + _QH_HEAD, "acquire")   # A2: its final consumer index
+        if isinstance(prev, tuple) and prev[0] in (_STATE_SHUTDOWN, _STATE_PEER_DEAD) and prev[1:] == (sent, took):
+            return                     # the same ended session as last time
         reason = "a whole session went by between two looks"
         for direction, count in ((DIR_OUTBOUND, sent), (DIR_INBOUND, took)):
             if 0 < count < self.rings[0].n:
