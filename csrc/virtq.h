@@ -1,8 +1,8 @@
 /*
  * virtq.h - virtqueue layouts (split and packed rings), the single definition.
  *
- * OASIS virtio 1.2/1.3 "Split Virtqueues" and "Packed Virtqueues";
- * shared/docs/virtio-msg-reference.md section 5.  Every field is
+ * OASIS virtio 1.2/1.3 "Split Virtqueues" and "Packed Virtqueues" (the
+ * virtio-msg transport uses them unchanged).  Every field is
  * little-endian and is read or written only through vmsgamp_io.h helpers
  * (one naturally aligned access with an explicit order), never through these
  * structs directly: the structs exist to pin down sizes and offsets, which
@@ -43,6 +43,12 @@
 #define VIRTQ_EVENT_OFF_MASK        0x7fffu
 
 #define VIRTQ_MAX_SIZE              32768u
+
+/* Areas written by different sides start on their own line of this many
+ * bytes, so the driver's and the device's stores never share a cache line
+ * (Linux's modern virtio-pci aligns the used ring to SMP_CACHE_BYTES; a
+ * layout constant, not taken from the host CPU). */
+#define VIRTQ_LINE                  64u
 
 /* ---- split layout -------------------------------------------------------- */
 
@@ -156,6 +162,57 @@ _Static_assert(offsetof(struct pvirtq_event_suppress, flags) == PVIRTQ_EVENT_OFF
 static inline int virtq_need_event(uint16_t event, uint16_t new_idx, uint16_t old_idx)
 {
     return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+/* ---- packed ring: flags and event suppression, for both sides ------------ */
+
+/* A descriptor made available in lap `wrap` (the wrap counter, 0 or 1):
+ * AVAIL == wrap, USED != wrap. */
+static inline int virtq_packed_avail_ok(uint16_t flags, unsigned wrap)
+{
+    return ((flags >> VIRTQ_DESC_F_AVAIL_SHIFT) & 1u) == wrap
+        && ((flags >> VIRTQ_DESC_F_USED_SHIFT) & 1u) != wrap;
+}
+
+/* A descriptor marked used in lap `wrap` (0 or 1): AVAIL == USED == wrap. */
+static inline int virtq_packed_used_ok(uint16_t flags, unsigned wrap)
+{
+    return ((flags >> VIRTQ_DESC_F_AVAIL_SHIFT) & 1u) == wrap
+        && ((flags >> VIRTQ_DESC_F_USED_SHIFT) & 1u) == wrap;
+}
+
+/* The 32-bit event suppression word (off_wrap in bits 0-15, flags in 16-17),
+ * read and written as one access so offset and flags always match. */
+static inline uint32_t virtq_packed_event_word(uint16_t flags, uint16_t off, unsigned wrap)
+{
+    return ((uint32_t)flags << 16) | (uint32_t)off | ((uint32_t)wrap << VIRTQ_EVENT_WRAP_SHIFT);
+}
+
+/* Should a side that has published `moved` descriptors since it last
+ * decided (driver: made available, device: marked used), its next ring
+ * offset now `new_off` in lap `wrap` (0 or 1), notify the peer whose event
+ * suppression word is `ev`?  `event_idx`: VIRTIO_F_EVENT_IDX negotiated.
+ * Both sides of the packed ring use this one rule (spec "Event Suppression
+ * Structure Format"; Linux virtqueue_kick_prepare_packed and vhost).
+ *
+ * The peer's offset is taken relative to our current lap: an offset tagged
+ * with the other wrap counter lies one lap back (subtract q, modulo 2^16),
+ * and the old position new_off - moved may likewise be negative.  After a
+ * full lap or more (`moved` >= q) the position is ambiguous: notify. */
+static inline int virtq_packed_need_notify(uint32_t ev, int event_idx, uint16_t new_off,
+                                           unsigned wrap, unsigned moved, unsigned q)
+{
+    unsigned flags = (ev >> 16) & 3u;
+    uint16_t off;
+
+    if (flags == VIRTQ_EVENT_F_DISABLE)
+        return 0;
+    if (flags != VIRTQ_EVENT_F_DESC || !event_idx || moved >= q)
+        return 1;
+    off = (uint16_t)(ev & VIRTQ_EVENT_OFF_MASK);
+    if (((ev >> VIRTQ_EVENT_WRAP_SHIFT) & 1u) != wrap)
+        off = (uint16_t)(off - q);
+    return virtq_need_event(off, new_off, (uint16_t)(new_off - moved));
 }
 
 #endif /* VMSGAMP_VIRTQ_H */

@@ -150,6 +150,26 @@ def test_discard_and_write_zeroes(image):
     r.close()
 
 
+def test_discard_segment_list_is_judged_before_it_is_copied(image, monkeypatch):
+    """The segment list is peer-sized: a long one is refused by its length,
+    and at most one segment is ever copied out of shared memory."""
+    import vmsgamp.devices.blk as blk_mod
+    copied = []
+    real_take = blk_mod._take
+    monkeypatch.setattr(blk_mod, "_take", lambda views, n: copied.append(n) or real_take(views, n))
+    r = Rig(BlkDevice(str(image)))
+    seg = struct.pack("<QII", 8, 1, 0)
+    n, data = r.do([hdr(VIRTIO_BLK_T_DISCARD), seg * 40], [1])
+    assert data == bytes([VIRTIO_BLK_S_UNSUPP])           # we offer one segment
+    n, data = r.do([hdr(VIRTIO_BLK_T_WRITE_ZEROES), seg + b"\0" * 3], [1])
+    assert data == bytes([VIRTIO_BLK_S_IOERR])            # not a whole segment
+    n, data = r.do([hdr(VIRTIO_BLK_T_DISCARD), seg], [1])
+    assert data == bytes([VIRTIO_BLK_S_OK])
+    # three request headers and the one segment of the last request
+    assert copied == [blk_mod.REQ_HEADER.size] * 3 + [blk_mod.DISCARD_SEG.size]
+    r.close()
+
+
 def test_config_space_and_multiqueue(image):
     dev = BlkDevice(str(image) , num_queues=3)
     assert dev.features >> VIRTIO_BLK_F_MQ & 1

@@ -298,3 +298,43 @@ def test_many_live_mappings_and_mapping_churn_while_faults_are_repaired(shm_file
     bystander.store32(0, 3)
     assert bystander.load32(0) == 3
     bystander.close()
+
+
+# ---- virtqueues over a shrinking object ---------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["split", "packed"])
+def test_virtqueue_over_a_shrunk_object_raises(shm_file, fmt):
+    """Device and driver queue calls that touch an object truncated under
+    them end in SharedObjectLost (the AddressSpace checks each window's
+    region), in the very call that touched the lost pages, never SIGBUS."""
+    from vmsgamp._core.addrspace import AddressSpace
+    from vmsgamp._core.virtq import ChainBatch
+    from vmsgamp.testing.virtq_mock import MockDriver
+
+    path, fd = shm_file
+    region = Region.from_fd(fd, 65536, uri=f"file:{path}")
+    m = MockDriver(region, fmt, size=8, buf_size=64)
+    q = m.device_queue()
+    assert m.add_chain([b"ping"], [16])
+    os.ftruncate(fd, 0)
+    with pytest.raises(SharedObjectLost, match="shrank"):
+        q.pop()
+    for call in (q.pop, lambda: q.pop_batch(ChainBatch(4, 16)), lambda: q.add_used(0, 0)):
+        with pytest.raises(SharedObjectLost):
+            call()
+    assert region.lost
+
+
+@pytest.mark.parametrize("fmt", ["split", "packed"])
+def test_driver_queue_over_a_shrunk_object_raises(shm_file, fmt):
+    from vmsgamp._core.addrspace import RegionAllocator
+    from vmsgamp._core.virtq import PackedQueueDriver, SplitQueueDriver
+
+    path, fd = shm_file
+    region = Region.from_fd(fd, 65536, uri=f"file:{path}")
+    cls = SplitQueueDriver if fmt == "split" else PackedQueueDriver
+    drv = cls.create(RegionAllocator(region), 8)
+    os.ftruncate(fd, 0)
+    with pytest.raises(SharedObjectLost, match="shrank"):
+        for _ in range(3):           # the first call touching a lost page raises
+            drv.get_used()

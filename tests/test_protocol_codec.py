@@ -109,7 +109,7 @@ def test_golden_encode_from_fields(vec: dict[str, Any]) -> None:
 
 
 def test_reference_1_11_examples_not_in_json() -> None:
-    # G1 GET_DEVICE_INFO request (reference 1.11, last line).
+    # G1 GET_DEVICE_INFO request: the 6-byte header alone (docs/virtio-msg.md#messages).
     assert encode(GetDeviceInfoRequest(), profile="g1") == bytes.fromhex("000200000600")
     assert decode(bytes.fromhex("000200000600"), profile=G1) == GetDeviceInfoRequest()
     # Spec GET_DEVICES example: offset 0, count 16, bitmap 0b00100101 0x00 -> devices 0, 2, 5.

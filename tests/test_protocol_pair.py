@@ -167,7 +167,7 @@ def make_link(profile: str = "g2", max_msg_size: int = 64, devices: dict[int, To
 
 
 def probe(link: Link, dev_num: int = 0) -> None:
-    """The Linux probe sequence of reference section 7."""
+    """The Linux probe sequence (docs/virtio-msg.md#the-probe-sequence)."""
     resp = link.request(GetDevicesRequest(offset=0, count=32))
     assert isinstance(resp, GetDevicesResponse) and dev_num in resp.devices()
     info = link.request(GetDeviceInfoRequest(dev_num=dev_num))
@@ -191,7 +191,7 @@ def probe(link: Link, dev_num: int = 0) -> None:
     assert link.drv.device_status(dev_num) == PROBE_STATUS_SEQUENCE[3]
 
 
-PROBE_WIRE = [  # (direction, name) of section 7's sequence, requests and their responses
+PROBE_WIRE = [  # (direction, name) of Linux's probe sequence, requests and their responses
     "GET_DEVICES", "GET_DEVICE_INFO", "SET_DEVICE_STATUS",
     "GET_DEVICE_STATUS", "SET_DEVICE_STATUS", "GET_DEVICE_STATUS", "SET_DEVICE_STATUS",
     "GET_DEVICE_FEATURES", "SET_DRIVER_FEATURES", "SET_DEVICE_STATUS", "GET_DEVICE_STATUS",
@@ -326,7 +326,7 @@ def test_bus_response_with_token_zero_is_accepted() -> None:
     drv = DriverConnection()
     [out] = drv.get_devices(0.0)
     assert decode(out).token != 0
-    # QEMU-RFC packs bus responses with token 0 (reference 1.8, vector file).
+    # QEMU-RFC packs bus responses with token 0 (docs/virtio-msg.md#requests-responses-events-and-tokens).
     qemu_reply = bytes.fromhex("030200000000120000002000200001000000")
     [ev] = drv.receive_bytes(qemu_reply, 0.1)
     assert isinstance(ev, ResponseReceived) and ev.response.devices() == [0]  # type: ignore[attr-defined]

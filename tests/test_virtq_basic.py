@@ -3,9 +3,12 @@ driver/device, batch APIs, and long runs across many index wrap-arounds."""
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
+import hypothesis.strategies as st
 import numpy as np
 import pytest
+from hypothesis import given, settings
 
 from vmsgamp._core.addrspace import AddressSpace, RegionAllocator
 from vmsgamp._core.region import Region
@@ -13,7 +16,7 @@ from vmsgamp._core import virtq
 from vmsgamp._core.virtq import (
     ChainBatch, PackedQueue, PackedQueueDriver, SplitQueue, SplitQueueDriver,
 )
-from vmsgamp._vq_reference import need_event as ref_need_event
+from vmsgamp.testing.virtq_model import need_event as ref_need_event
 from vmsgamp.testing.virtq_mock import MockDevice, MockDriver
 
 
@@ -45,6 +48,51 @@ def test_need_event_exhaustive_small():
             for d in (0, 1, 2, 100, 65535):
                 old = (new - d) & 0xFFFF
                 assert virtq.need_event(ev, new, old) == ref_need_event(ev, new, old)
+
+
+def _packed_rule(ev_off, ev_wrap, flags, event_idx, new_off, wrap, moved, q):
+    """The packed event-suppression rule in absolute descriptor counts:
+    our lap is 2 (wrap bit = lap parity), the peer's offset lies in our lap
+    or the one before, and we just published positions [new - moved, new)."""
+    if flags == virtq.EVENT_F_DISABLE:
+        return False
+    if flags != virtq.EVENT_F_DESC or not event_idx or moved >= q:
+        return True
+    new = 2 * q + new_off
+    event = (2 if ev_wrap == wrap else 1) * q + ev_off
+    return new - moved <= event < new
+
+
+@settings(max_examples=3000, deadline=None)
+@given(data=st.data(), q=st.sampled_from([1, 2, 3, 5, 8, 256, 32768]))
+def test_packed_need_notify_matches_absolute_positions(data, q):
+    """Device needs_notification and driver kick_prepare share this rule."""
+    new_off = data.draw(st.integers(0, q - 1))
+    moved = data.draw(st.integers(0, q + 1))
+    ev_off = data.draw(st.integers(0, q - 1))
+    ev_wrap, wrap, event_idx = (data.draw(st.booleans()) for _ in range(3))
+    flags = data.draw(st.sampled_from([virtq.EVENT_F_ENABLE, virtq.EVENT_F_DISABLE,
+                                       virtq.EVENT_F_DESC, 3]))
+    ev = (flags << 16) | (ev_wrap << 15) | ev_off
+    assert virtq.packed_need_notify(ev, event_idx, new_off, wrap, moved, q) == \
+        _packed_rule(ev_off, ev_wrap, flags, event_idx, new_off, wrap, moved, q)
+
+
+def test_public_surface():
+    """Every name code outside the engine imports from vmsgamp._core.virtq,
+    and every compiled module of the engine with its .pxd and .pyi."""
+    names = {"ChainBatch", "DescriptorChain", "PackedQueue", "PackedQueueDriver", "QueueBrokenError",
+             "QueueState", "SplitQueue", "SplitQueueDriver", "packed_area_sizes", "split_area_sizes",
+             "need_event", "LAYOUT", "MAX_SIZE", "SPLIT", "PACKED", "DESC_F_NEXT", "DESC_F_WRITE",
+             "DESC_F_INDIRECT", "DESC_F_AVAIL", "DESC_F_USED", "F_INDIRECT_DESC", "F_EVENT_IDX",
+             "F_RING_PACKED", "AVAIL_F_NO_INTERRUPT", "USED_F_NO_NOTIFY", "EVENT_F_ENABLE",
+             "EVENT_F_DISABLE", "EVENT_F_DESC"}
+    assert names <= set(virtq.__all__)
+    assert all(hasattr(virtq, n) for n in virtq.__all__)
+    pkg = Path(virtq.__file__).parent
+    for pyx in pkg.glob("*.pyx"):
+        assert pyx.with_suffix(".pxd").exists() and pyx.with_suffix(".pyi").exists(), pyx.name
+        assert len(pyx.read_text().splitlines()) <= 700, f"{pyx.name}: split it"
 
 
 @pytest.mark.parametrize("fmt", ["split", "packed"])

@@ -443,7 +443,7 @@ def test_closed_address_space_refuses_work():
 import hypothesis.strategies as st  # noqa: E402
 from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 
-from vmsgamp._vq_reference import RefBroken, RefPackedDevice, RefSplitDevice  # noqa: E402
+from vmsgamp.testing.virtq_model import RefBroken, RefPackedDevice, RefSplitDevice  # noqa: E402
 
 FUZZ_BUF = BUS + 0x8000    # a valid buffer area inside the window
 

@@ -2,7 +2,7 @@
 reference driver + device and an abstract model.
 
 Two systems get the same operations: X = SplitQueueDriver/SplitQueue (or the
-packed pair) over one region, Y = the _vq_reference pair over another region
+packed pair) over one region, Y = the virtq_model pair over another region
 with the same layout.  Every observable result must agree, the ring areas
 must stay byte-identical, and an abstract model checks FIFO order, tokens,
 lengths, data, and that no notification is ever lost (a side that said it
@@ -19,7 +19,7 @@ from vmsgamp._core.region import Region
 from vmsgamp._core.virtq import (
     PackedQueue, PackedQueueDriver, QueueState, SplitQueue, SplitQueueDriver,
 )
-from vmsgamp._vq_reference import RefPackedDevice, RefPackedDriver, RefSplitDevice, RefSplitDriver
+from vmsgamp.testing.virtq_model import RefPackedDevice, RefPackedDriver, RefSplitDevice, RefSplitDriver
 
 BUF = 64          # bytes per buffer slot
 NSLOTS = 64
@@ -37,15 +37,13 @@ def _system(fmt, size, event_idx, indirect, start):
                                        indirect_max=4, start_index=start)
         cdev = SplitQueue.from_state(ax, QueueState("split", size, cdrv.desc_addr, cdrv.driver_addr,
                                                     cdrv.device_addr, event_idx, indirect, start, start))
-        pool = cdrv.device_addr + 6 + 8 * size
     else:
         cdrv = PackedQueueDriver.create(al, size, aspace=ax, event_idx=event_idx, indirect=indirect,
                                         indirect_max=4)
         cdev = PackedQueue(ax, size, cdrv.desc_addr, cdrv.driver_addr, cdrv.device_addr,
                            event_idx=event_idx, indirect=indirect)
-        pool = cdrv.device_addr + 4
-    # the indirect pool is the next 16-aligned allocation after the device area
-    pool = (pool + 15) & ~15
+    pool = cdrv.indirect_addr
+    assert (pool is not None) == indirect
     areas = [(cdrv.desc_addr, 16 * size), (cdrv.driver_addr, 6 + 2 * size if fmt == "split" else 4),
              (cdrv.device_addr, 6 + 8 * size if fmt == "split" else 4)]
     if indirect:

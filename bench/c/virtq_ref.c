@@ -12,9 +12,10 @@
  *   rtt      one chain in flight: add, publish, spin on the used entry
  * Layouts and access helpers are vmsgamp's own (csrc/virtq.h,
  * csrc/vmsgamp_io.h); acquire/release pairs are labelled as in
- * vmsgamp/_core/virtq.pyx.  Like vmsgamp it keeps private shadows (free
- * list, indices) and checks the peer's indices and ids, but it translates no
- * buffer address and touches no payload: it measures the rings.
+ * vmsgamp/_core/virtq/_split.pyx and _packed.pyx.  Like vmsgamp it keeps
+ * private shadows (free list, indices) and checks the peer's indices and
+ * ids, but it translates no buffer address and touches no payload: it
+ * measures the rings.
  *
  * Usage: virtq_ref [-n CHAINS] [-r ROUNDTRIPS] [-q QSIZE] [-a CPU] [-b CPU] [-t SECS]
  * Prints one JSON object on stdout; exit 1 on error, 2 on usage error.

@@ -1,6 +1,7 @@
 # AddressSpace: bus address -> local pointer, bounds-checked.
 from libc.stdint cimport uint64_t, uint32_t
 from vmsgamp._core.region cimport Region
+from vmsgamp._core.io cimport vm_lost
 
 ctypedef struct vm_window:
     uint64_t bus_base      # first bus address of the window
@@ -9,6 +10,7 @@ ctypedef struct vm_window:
     uint64_t offset        # offset of bus_base inside the region
     bint writable
     int memtype
+    const int *lost        # the region's lost flag (SIGBUS guard), checked at API boundaries
 
 cdef class AddressSpace:
     cdef vm_window *_win
@@ -17,6 +19,7 @@ cdef class AddressSpace:
     cdef int _last             # window of the last hit (most lookups repeat)
     cdef list _regions         # Region per window (pinned while open)
     cdef readonly bint closed
+    cdef readonly uint64_t mapped_bytes   # sum of the window lengths
     cdef int _busy             # nogil sections in flight: unpin deferred
 
     cdef char *tr(self, uint64_t addr, uint64_t n, bint write, int *win) noexcept nogil

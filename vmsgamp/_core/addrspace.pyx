@@ -14,7 +14,7 @@ nogil batch is running).
 """
 from libc.stdint cimport uint64_t, uint32_t, uintptr_t
 from libc.stdlib cimport malloc, realloc, free
-from vmsgamp._core.region cimport Region
+from vmsgamp._core.region cimport Region, region_check_alive
 from vmsgamp._core.io cimport VM_MEM_NORMAL, vm_copy_from_shared, vm_copy_to_shared
 
 from vmsgamp.errors import VmsgampError
@@ -35,6 +35,7 @@ cdef class AddressSpace:
         self._regions = []
         self.closed = False
         self._busy = 0
+        self.mapped_bytes = 0
 
     def __init__(self, windows=()):
         for w in windows:
@@ -89,7 +90,9 @@ cdef class AddressSpace:
         self._win[self._nwin].offset = offset
         self._win[self._nwin].writable = not region.readonly
         self._win[self._nwin].memtype = region.memtype
+        self._win[self._nwin].lost = region._lost
         self._nwin += 1
+        self.mapped_bytes += ln
         self._regions.append(region)
 
     @property
@@ -126,8 +129,15 @@ cdef class AddressSpace:
         return NULL
 
     cdef int check_open(self) except -1:
+        """Every queue and chain call starts here: a closed address space, or
+        a window whose shared object shrank under it (the SIGBUS guard
+        replaced its pages with zeros), ends the call with an error."""
+        cdef int i
         if self.closed:
             raise ValueError("address space is closed")
+        for i in range(self._nwin):
+            if vm_lost(self._win[i].lost):
+                region_check_alive(<Region>self._regions[i])   # raises SharedObjectLost
         return 0
 
     cdef void enter(self) noexcept:
@@ -178,6 +188,7 @@ cdef class AddressSpace:
     cdef _release(self):
         regions, self._regions = self._regions, []
         self._nwin = 0
+        self.mapped_bytes = 0
         for r in regions:
             (<Region>r).unpin()
 

@@ -487,7 +487,7 @@ cdef class MsgFifo:
     cdef int _peer_event(self, uint16_t st) except -1:
         cdef int s = st & VMAMP_STATE_MASK
         # Drop to INIT at once so a re-registering peer waits for us instead of
-        # running against our stale indices (reference section 7).
+        # running against our stale indices (docs/virtio-msg.md#teardown-and-re-registration).
         self._write_status(VMAMP_STATE_INIT)
         self.fstate = FSTATE_STOPPED
         if s in (VMAMP_STATE_INIT, VMAMP_STATE_READY):

@@ -2,8 +2,8 @@
 (DeviceTransport), pure request -> response logic that any carrier of
 virtio-msg messages can drive (the AMP bus's DeviceServer does).
 
-Behaviour follows what the Linux virtio-msg driver needs (reference sections
-1.10, 3.2 and 7): num_feature_bits 64, VERSION_1 always offered,
+Behaviour follows what the Linux virtio-msg driver needs (docs/virtio-msg.md,
+"What the Linux driver needs from a device side"): num_feature_bits 64, VERSION_1 always offered,
 NOTIFICATION_DATA never, RESET_VQUEUE always answered, queue size taken from
 SET_VQUEUE.  Request fields are untrusted: counts and offsets are clamped to
 what the device has and what one message can carry, never trusted to fit an

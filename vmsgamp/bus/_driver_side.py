@@ -1,5 +1,5 @@
 """Driver side of virtio-msg over an AMP bus: enumerate devices, probe one
-(the same message sequence as Linux, reference section 7), set up its
+(in Linux's order, docs/virtio-msg.md#the-probe-sequence), set up its
 virtqueues in shared memory, kick and collect completions.
 
 Blocking API; every wait has a timeout and pumps the bus so pings, hot-plug

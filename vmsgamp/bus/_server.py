@@ -202,7 +202,7 @@ class DeviceServer:
                 self.ping_rtts.append(self.bus.clock() - sent)
         elif isinstance(ev, PeerLost):
             # The driver's session ended (its queue head left RUN, the FIFO
-            # broke, it vanished): every device is reset (ref. section 7).
+            # broke, it vanished): every device is reset (docs/virtio-msg.md#teardown-and-re-registration).
             self.events.append(ev)
             self.reset_all()
         elif isinstance(ev, (RequestTimedOut, RequestCancelled)):

@@ -1,7 +1,8 @@
 """Header profiles, encode/decode and describe() for virtio-msg messages.
 
 Decoding treats the input as hostile: every way it can be malformed ends in
-``RemoteProtocolError`` (the bus counts and drops it, reference 1.9); nothing
+``RemoteProtocolError`` (the bus counts and drops it: docs/virtio-msg.md,
+"Errors and malformed messages"); nothing
 else escapes.  Encoding mistakes are ours and raise ``LocalProtocolError``.
 
 Speed: these functions sit on every bus round trip, so each message class
@@ -30,7 +31,7 @@ __all__ = ["HeaderProfile", "G1", "G2", "ProfileLike", "get_profile", "encode", 
 @dataclass(frozen=True)
 class HeaderProfile:
     """A header generation: "g2" = 8 bytes with token (default), "g1" = 6 bytes,
-    no token, unpadded GET/SET_VQUEUE (reference 1.1, 1.5)."""
+    no token, unpadded GET/SET_VQUEUE (docs/virtio-msg.md#messages)."""
 
     name: str
     header_size: int
@@ -312,7 +313,7 @@ def _jsonable(value: Any) -> Any:
 def describe(msg: Message, profile: ProfileLike = G2) -> dict[str, Any]:
     """A JSON-ready dict: kind, response, msg_id, name, dev_num, token,
     msg_size (as received, else as it would be encoded in ``profile``) and
-    payload (reference field names, byte strings as hex)."""
+    payload (the spec's field names, byte strings as hex)."""
     size = msg.msg_size or encoded_size(msg, profile)
     return {
         "kind": "bus" if msg.IS_BUS else "transport",

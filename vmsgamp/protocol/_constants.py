@@ -1,17 +1,17 @@
-"""Numbers fixed by the virtio-msg wire format (reference sections 1.2-1.7)."""
+"""Numbers fixed by the virtio-msg wire format (docs/virtio-msg.md: Messages to Sizes)."""
 from __future__ import annotations
 
 import enum
 
-# Header `type` byte (reference 1.2).  Bits 2..7 are MBZ and ignored on receive.
+# Header `type` byte (docs/virtio-msg.md#messages).  Bits 2..7 are MBZ and ignored on receive.
 TYPE_RESPONSE = 1 << 0
 TYPE_BUS = 1 << 1
 TYPE_KNOWN_BITS = TYPE_RESPONSE | TYPE_BUS
 
-# Bit 6 of msg_id marks an event (no response ever), reference 1.3 / 1.8.
+# Bit 6 of msg_id marks an event (no response ever), docs/virtio-msg.md#messages.
 MSG_ID_EVENT_BIT = 0x40
 
-# Sizes (reference 1.7).
+# Sizes (docs/virtio-msg.md#sizes).
 SLOT_SIZE = 64  # AMP FIFO element size in every implementation
 QEMU_MAX_MSG_SIZE = 48  # QEMU-RFC VIRTIO_MSG_MAX_SIZE: it drops anything larger
 DEFAULT_MAX_MSG_SIZE = SLOT_SIZE
@@ -65,8 +65,8 @@ VIRTIO_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
 VIRTIO_F_RING_PACKED = 34
 VIRTIO_F_IN_ORDER = 35
-VIRTIO_F_NOTIFICATION_DATA = 38  # never offer to Linux: its EVENT_AVAIL encoding is broken (ref 1.10)
+VIRTIO_F_NOTIFICATION_DATA = 38  # never offer to Linux: its EVENT_AVAIL encoding is broken
 VIRTIO_F_RING_RESET = 40
 
-# Linux refuses any other value (reference 1.10 item 2, section 7).
+# Linux refuses any other value (docs/virtio-msg.md#what-the-linux-driver-needs-from-a-device-side).
 NUM_FEATURE_BITS = 64

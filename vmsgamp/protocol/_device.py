@@ -4,7 +4,7 @@ Turns driver messages into typed events (RequestReceived for transport
 requests and GET_DEVICES, NotificationReceived for EVENT_AVAIL), answers PING
 by itself, and builds responses that echo the request's token and dev_num.
 Malformed or misdirected input is dropped and counted: the spec has no error
-message and events never get a reply (reference 1.9).
+message and events never get a reply (docs/virtio-msg.md#errors-and-malformed-messages).
 """
 from __future__ import annotations
 

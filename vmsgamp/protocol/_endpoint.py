@@ -384,7 +384,7 @@ class Connection:
             raise LocalProtocolError(f"{_label(request)} is not an unanswered request")
         if request.__class__ is not wanted:
             raise LocalProtocolError(f"{_label(response)} does not answer {_label(request)}")
-        # Echo token and dev_num (reference 1.8, 3.2).
+        # Echo token and dev_num (docs/virtio-msg.md#requests-responses-events-and-tokens).
         self._emit(replace_header(response, request.dev_num, request.token))
         assert queue is not None
         if queue[0] is request:

@@ -124,7 +124,7 @@ class Counters:
     connection, they end up here."""
 
     rx_messages: int = 0
-    rx_malformed: int = 0  # failed to decode: dropped silently (reference 1.9)
+    rx_malformed: int = 0  # failed to decode: dropped silently (docs/virtio-msg.md#errors-and-malformed-messages)
     rx_unexpected: int = 0  # valid message in the wrong direction for our role
     rx_unsolicited: int = 0  # response matching no request in flight (late, unknown)
     token_mismatches: int = 0  # matched by (dev_num, type, msg_id) but another token

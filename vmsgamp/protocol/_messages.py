@@ -1,6 +1,6 @@
-"""One frozen dataclass per virtio-msg message (reference sections 1.4-1.6).
+"""One frozen dataclass per virtio-msg message (docs/virtio-msg.md#payloads).
 
-Field names are the reference's, in snake_case.  Reserved (MBZ) words are not
+Field names are the spec's, in snake_case.  Reserved (MBZ) words are not
 fields: they are written as zero and ignored on receive.  Counts that the wire
 carries next to a variable-length tail (``num_blocks``, ``length``, ``count``)
 are properties derived from the tail, so a message object cannot disagree with
@@ -338,7 +338,7 @@ class SetConfigResponse(Message):
 
     @classmethod
     def _from_wire(cls, head: tuple[int, ...], tail: bytes) -> Message:
-        # The echo is optional (reference 1.4: "12+len or 12"): present only if
+        # The echo is optional (docs/virtio-msg.md#payloads, SET_CONFIG): present only if
         # msg_size covers all of it.
         dev_num, token, msg_size, generation, offset, length = head
         data = bytes(tail[:length]) if length and len(tail) >= length else b""
@@ -464,7 +464,7 @@ class GetShmRequest(Message):
 @_message
 class GetShmResponse(Message):
     """SPEC-PR28 layout (``address`` only 32 bits; G1 calls ``length`` ``count``).
-    Newer drafts widen it; do not rely on GET_SHM (reference 1.4)."""
+    Newer drafts widen it; do not rely on GET_SHM (docs/virtio-msg.md#payloads)."""
 
     MSG_ID = TransportMsgId.GET_SHM
     NAME = "GET_SHM"

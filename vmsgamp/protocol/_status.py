@@ -14,7 +14,7 @@ __all__ = ["PROBE_STATUS_SEQUENCE", "check_driver_status_write", "device_status_
 
 S = DeviceStatus
 
-# The writes Linux performs while probing (reference section 7).
+# The writes Linux performs while probing (docs/virtio-msg.md#the-probe-sequence).
 PROBE_STATUS_SEQUENCE: tuple[int, ...] = (
     S.ACKNOWLEDGE,
     S.ACKNOWLEDGE | S.DRIVER,

@@ -1,9 +1,10 @@
-"""Pure-Python reference of the virtio-msg-amp FIFOs, for tests.
+"""Pure-Python reference of the virtio-msg-amp FIFOs: a test oracle.
 
 ``PyFifoPeer`` implements one side of the Gen B (vmamp_shmem) or Gen A
 (spsc_queue) layout with ``struct`` on a plain buffer, written from the
-reference tables rather than from the Cython code, so a test can run it
-against ``MsgFifo`` and catch a layout disagreement.  It is single-threaded
+layouts (csrc/vmamp_shmem.h, csrc/spsc_queue.h) rather than from the Cython
+code, so a test can run it against ``MsgFifo`` and catch a disagreement:
+tests/test_fifo_stateful.py drives both with hypothesis and compares.  It is single-threaded
 and not atomic: use it only where the test itself serialises the two sides.
 
 It is also a tool for writing hostile-peer tests: ``poke_*`` methods write
@@ -20,7 +21,7 @@ QUEUE_MAGIC = 0x514F
 INIT, READY, RUN, SHUTDOWN, PEER_DEAD = range(5)
 STATE_MASK = 0x1F
 
-_LAYOUT = struct.Struct("<HHHHBBHHHQQQQQQ")  # 64 bytes, reference section 2.3
+_LAYOUT = struct.Struct("<HHHHBBHHHQQQQQQ")  # the 64-byte layout header of csrc/vmamp_shmem.h
 assert _LAYOUT.size == 64
 
 
@@ -91,7 +92,10 @@ class PyFifoPeer:
         return self._u16(self.peer_qh + 2) & STATE_MASK
 
     def handshake(self, timeout: float = 5.0) -> None:
-        """Gen B start-up, reference section 2.3 steps 1-6 (blocking)."""
+        """Gen B start-up as the layout defines it (blocking): the device writes
+        the layout; each side sets state INIT and its queue magic, waits for
+        the peer's magic, zeroes its indices and moves to READY, then to RUN
+        once the peer has left INIT."""
         deadline = time.monotonic() + timeout
         if self.role == "device":
             self.write_layout()

@@ -1,9 +1,10 @@
 """A vhost-user front-end written in Python that behaves like QEMU 7.2
-(``docs/vhost-user-notes.md``): same message order and payloads, guest RAM
-in a memfd sent as two regions around the 0xa0000-0xc0000 hole, ring
-addresses in a fake QEMU user address space, kick/call/err eventfds.  The
-"guest driver" of each queue is a :class:`MockDriver` writing real rings
-into that RAM.  For back-end tests without QEMU::
+(``docs/vhost-user.md``, "QEMU 7.2's messages, as observed"): same message
+order and payloads, guest RAM in a memfd sent as two regions around the
+0xa0000-0xc0000 hole, ring addresses in a fake QEMU user address space,
+kick/call/err eventfds.  The "guest driver" of each queue is a
+:class:`MockDriver` writing real rings into that RAM.  For back-end tests
+without QEMU::
 
     fe = FakeFrontend(path)
     fe.realize()                      # QEMU start-up (before the guest runs)

@@ -2,7 +2,7 @@
 
 :class:`MockDriver` lays out a split or packed virtqueue in a Region and
 writes descriptor chains into it exactly as a virtio driver would (it is the
-pure-Python reference driver of :mod:`vmsgamp._vq_reference` plus a buffer
+pure-Python reference driver of :mod:`vmsgamp.testing.virtq_model` plus a buffer
 pool), so a device model can be tested against real ring memory::
 
     drv = MockDriver(Region.memfd(1 << 20), "split", size=16)
@@ -24,7 +24,7 @@ from vmsgamp._core.region import Region
 from vmsgamp._core.virtq import (
     PackedQueue, PackedQueueDriver, SplitQueue, SplitQueueDriver, packed_area_sizes, split_area_sizes,
 )
-from vmsgamp._vq_reference import (
+from vmsgamp.testing.virtq_model import (
     RefChain, RefPackedDevice, RefPackedDriver, RefSplitDevice, RefSplitDriver,
 )
 
@@ -164,16 +164,17 @@ class MockDriver:
         else:
             self.aspace.write(base + 16 * index, struct.pack("<QIHH", addr, length, next_or_id, flags))
 
-    def write_avail(self, slot: int, head: int) -> None:
-        """Split: avail.ring[slot] = head."""
-        self.aspace.write(self.driver_addr + 4 + 2 * slot, struct.pack("<H", head))
+    def write_avail(self, slot: int, desc_idx: int) -> None:
+        """Split: avail.ring[slot] = desc_idx (the first descriptor of a chain)."""
+        self.aspace.write(self.driver_addr + 4 + 2 * slot, struct.pack("<H", desc_idx))
 
     def set_avail_idx(self, idx: int) -> None:
         """Split: avail.idx = idx (publish)."""
         self.aspace.write(self.driver_addr + 2, struct.pack("<H", idx & 0xFFFF))
 
     def set_used(self, slot: int, id_: int, length: int, idx: int | None = None) -> None:
-        """Split: used.ring[slot] = (id, len), optionally used.idx = idx."""
+        """Split: used.ring[slot] = (id, len) (id: the chain's first descriptor
+        index), optionally used.idx = idx."""
         self.aspace.write(self.device_addr + 4 + 8 * slot, struct.pack("<II", id_, length))
         if idx is not None:
             self.aspace.write(self.device_addr + 2, struct.pack("<H", idx & 0xFFFF))

@@ -7,7 +7,8 @@ guest); this process owns the virtqueues: guest RAM arrives as fds
 address, the rings become the Cython device-side queues, kicks arrive on
 eventfds and used-buffer interrupts leave on eventfds.
 
-Behaviour where QEMU 7.2 is particular (``docs/vhost-user-notes.md``):
+Behaviour where QEMU 7.2 is particular (``docs/vhost-user.md``, which also
+has the QEMU command lines and what was tested):
 
 * NEED_REPLY is honoured on every message, even without REPLY_ACK (after a
   reconnect QEMU sets it without renegotiating protocol features);

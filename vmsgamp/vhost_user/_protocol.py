@@ -1,4 +1,5 @@
-"""vhost-user message codec (QEMU ``docs/interop/vhost-user.rst``), no I/O.
+"""vhost-user message codec (QEMU ``docs/interop/vhost-user.rst``; what QEMU 7.2
+really sends: this repository's ``docs/vhost-user.md``), no I/O.
 
 A message is a 12-byte header ``{u32 request; u32 flags; u32 size}`` followed
 by ``size`` payload bytes; file descriptors travel beside the header as

@@ -1,11 +1,14 @@
-"""Pure-Python model of split and packed virtqueues: the test oracle.
+"""Pure-Python model of split and packed virtqueues: a test oracle.
 
-Written straight from the virtio 1.2 text (split-ring.tex, packed-ring.tex)
-with plain ints and ``struct``, no speed tricks, so it can be read against the
-spec.  Driver policy (free-list order, when to use an indirect table, when
-used_event is refreshed) is the same as vmsgamp._core.virtq, so a system of
-reference driver + reference device and a system of Cython driver + Cython
-device fed the same operations leave byte-identical rings.
+Written straight from the virtio 1.2 text ("Split Virtqueues", "Packed
+Virtqueues") with plain ints and ``struct``, no speed tricks and no code
+shared with the engine, so it can be read against the spec.  Driver policy
+(free-list order, when to use an indirect table, when used_event is
+refreshed) is the same as vmsgamp._core.virtq, so a system of reference
+driver + reference device and a system of Cython driver + Cython device fed
+the same operations leave byte-identical rings: tests/test_virtq_stateful.py
+drives both with hypothesis and compares.  Use it the same way to check
+your own ring code.
 
 Memory is anything with ``read(addr, n) -> bytes`` and ``write(addr, data)``
 (an AddressSpace, or :class:`BytesMemory`).  Single-threaded only: it uses
@@ -68,6 +71,8 @@ def split_sizes(q: int) -> tuple[int, int, int]:
 
 @dataclass
 class RefChain:
+    """A popped chain.  ``head`` is the id add_used() takes back, as in
+    DescriptorChain: split, the first descriptor's index; packed, the buffer id."""
     head: int
     readable: list[tuple[int, int]] = field(default_factory=list)
     writable: list[tuple[int, int]] = field(default_factory=list)
@@ -118,10 +123,11 @@ class RefSplitDriver(_Mem):
         self.ind_max = min(indirect_max, size)
         self.pool = indirect_addr if (indirect and indirect_addr is not None and indirect_max > 1) else None
         self.next = [i + 1 for i in range(size)]
-        self.free_head, self.num_free = 0, size
+        self.free_desc, self.num_free = 0, size
         self.num_added = 0
         self.cb_disabled = False
-        self.inflight: dict[int, tuple[Any, int, int]] = {}  # head -> (token, ndesc, in_len)
+        # first descriptor index -> (token, ndesc, in_len)
+        self.inflight: dict[int, tuple[Any, int, int]] = {}
         for a, n in zip((desc, driver, device), split_sizes(size)):
             mem.write(a, bytes(n))
         self.avail_idx = self.last_used = start_index & U16
@@ -135,25 +141,25 @@ class RefSplitDriver(_Mem):
         need = 1 if ind else n
         if self.num_free < need:
             return False
-        head = self.free_head
+        desc_idx = self.free_desc
         if ind:
-            table = self.pool + head * self.ind_max * 16
+            table = self.pool + desc_idx * self.ind_max * 16
             for k, (a, ln, f) in enumerate(sg):
                 last = k == n - 1
                 self.wdesc(table + 16 * k, a, ln, f | (0 if last else NEXT), 0 if last else k + 1)
-            self.wdesc(self.desc_addr + 16 * head, table, 16 * n, INDIRECT, 0)
-            self.free_head = self.next[head]
+            self.wdesc(self.desc_addr + 16 * desc_idx, table, 16 * n, INDIRECT, 0)
+            self.free_desc = self.next[desc_idx]
         else:
-            i = head
+            i = desc_idx
             for k, (a, ln, f) in enumerate(sg):
                 last = k == n - 1
                 self.wdesc(self.desc_addr + 16 * i, a, ln, f | (0 if last else NEXT),
                            0 if last else self.next[i])
                 i = self.next[i]
-            self.free_head = i
+            self.free_desc = i
         self.num_free -= need
-        self.inflight[head] = (token, need, sum(ln for _, ln in in_))
-        self.w16(self.avail + 4 + 2 * (self.avail_idx % self.q), head)
+        self.inflight[desc_idx] = (token, need, sum(ln for _, ln in in_))
+        self.w16(self.avail + 4 + 2 * (self.avail_idx % self.q), desc_idx)
         self.avail_idx = (self.avail_idx + 1) & U16
         self.num_added = min(self.num_added + 1, U16)
         self.w16(self.avail + 2, self.avail_idx)
@@ -175,18 +181,18 @@ class RefSplitDriver(_Mem):
         if idx == self.last_used:
             return None
         e = self.used + 4 + 8 * (self.last_used % self.q)
-        hid, ln = self.u32(e), self.u32(e + 4)
-        if hid not in self.inflight:
-            raise RefBroken(f"used id {hid} not in flight")
-        token, nd, in_len = self.inflight[hid]
+        desc_idx, ln = self.u32(e), self.u32(e + 4)
+        if desc_idx not in self.inflight:
+            raise RefBroken(f"used id {desc_idx} not in flight")
+        token, nd, in_len = self.inflight[desc_idx]
         if ln > in_len:
             raise RefBroken("used len too large")
-        del self.inflight[hid]
-        tail = hid
+        del self.inflight[desc_idx]
+        tail = desc_idx
         for _ in range(nd - 1):
             tail = self.next[tail]
-        self.next[tail] = self.free_head
-        self.free_head = hid
+        self.next[tail] = self.free_desc
+        self.free_desc = desc_idx
         self.num_free += nd
         self.last_used = (self.last_used + 1) & U16
         if self.event_idx and not self.cb_disabled:
@@ -220,11 +226,11 @@ class RefSplitDevice(_Mem):
         self.signalled: int | None = None
         self.broken: str | None = None
 
-    def _walk(self, head: int) -> RefChain:
-        if head >= self.q:
-            raise RefBroken("head out of range")
-        chain = RefChain(head)
-        table, tsize, i, nested, count = self.desc_addr, self.q, head, False, 0
+    def _walk(self, desc_idx: int) -> RefChain:
+        if desc_idx >= self.q:
+            raise RefBroken("head descriptor index out of range")
+        chain = RefChain(desc_idx)
+        table, tsize, i, nested, count = self.desc_addr, self.q, desc_idx, False, 0
         while True:
             addr, ln, flags, nxt = self.desc(table + 16 * i)
             if flags & INDIRECT:
@@ -266,17 +272,17 @@ class RefSplitDevice(_Mem):
                 raise RefBroken("avail index jump")
             if idx == self.next_avail:
                 return None
-            head = self.u16(self.avail + 4 + 2 * (self.next_avail % self.q))
-            chain = self._walk(head)
+            desc_idx = self.u16(self.avail + 4 + 2 * (self.next_avail % self.q))
+            chain = self._walk(desc_idx)
         except RefBroken as e:
             self.broken = e.reason
             raise
         self.next_avail = (self.next_avail + 1) & U16
         return chain
 
-    def add_used(self, head: int, ln: int) -> None:
+    def add_used(self, desc_idx: int, ln: int) -> None:
         e = self.used + 4 + 8 * (self.next_used % self.q)
-        self.w32(e, head)
+        self.w32(e, desc_idx)
         self.w32(e + 4, ln)
         self.next_used = (self.next_used + 1) & U16
         self.w16(self.used + 2, self.next_used)

@@ -1,0 +1,29 @@
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from vmsgamp._core.virtq._chain import ChainBatch
+from vmsgamp._core.virtq._shared import _Virtqueue
+
+SG = Sequence[tuple[int, int]]
+
+class _Driver(_Virtqueue):
+    @property
+    def num_free(self) -> int: ...
+    @property
+    def in_flight(self) -> int: ...
+    @property
+    def indirect_addr(self) -> int | None: ...
+    def add(self, out: SG, in_: SG = ..., token: Any = None) -> bool: ...
+    def add_buf(self, addr: int, length: int, device_writable: bool = False, token: Any = None) -> bool: ...
+    def add_batch(self, addr: ChainBatch | npt.NDArray[np.uint64],
+                  length: npt.NDArray[np.uint32] | None = None,
+                  writable: npt.NDArray[np.uint8] | None = None,
+                  tokens: npt.NDArray[np.uint64] | None = None,
+                  nseg: npt.NDArray[np.uint16] | None = None) -> int: ...
+    def get_used(self) -> tuple[Any, int] | None: ...
+    def get_used_batch(self, tokens: ChainBatch | npt.NDArray[np.uint64],
+                       lengths: npt.NDArray[np.uint32] | None = None) -> int: ...
+    def has_used(self) -> bool: ...
