@@ -92,6 +92,9 @@ class AmpBus:
         # what was kept quiet while spinning (AmpDriver: used-buffer
         # notifications); True = work is ready, do not sleep.
         self.before_sleep: Callable[[], bool] | None = None
+        # Looked at between idle sleeps on a carrier without a doorbell (the
+        # rings a waiter watches): True = work is ready, stop sleeping.
+        self.while_asleep: Callable[[], bool] | None = None
         # keepalive: PING every `interval` s; `misses` unanswered in a row = peer dead
         self._ka_interval: float | None = None
         self._ka_misses = 3
@@ -240,7 +243,8 @@ class AmpBus:
         fifo = self.fifo
         try:
             if timeout != 0 and not fifo.pending():
-                self.waiter.wait(fifo, timeout, cap=self._wait_limit, arm=self.before_sleep)
+                self.waiter.wait(fifo, timeout, cap=self._wait_limit, arm=self.before_sleep,
+                                 check=self.while_asleep)
             events = self._drain()
         except PeerStateError as e:
             return self._lost(e)

@@ -85,6 +85,11 @@ class AmpDriver:
         # spins on them; turned back on before the bus sleeps (_arm_queues).
         self._quiet: dict[int, tuple[DriverDevice, Any]] = {}
         bus.before_sleep = self._arm_queues
+        # The queues wait_until() watches: looked at between idle sleeps on
+        # a carrier without a doorbell (a used buffer is found even if its
+        # EVENT_USED was suppressed).
+        self._watched: list[Any] = []
+        bus.while_asleep = self._rings_ready
 
     # ---- pumping -----------------------------------------------------------
     def pump(self, timeout: float | None = 0.0) -> None:
@@ -143,6 +148,12 @@ class AmpDriver:
                 log.debug("device %d: re-enabling notifications: %s", dev.dev_num, e)
         self._quiet.clear()
         return ready
+
+    def _rings_ready(self) -> bool:
+        for q in self._watched:
+            if q.has_used():
+                return True
+        return False
 
     def _wait_for(self, match: Callable[[Event], bool], what: str, timeout: float | None = None) -> Event:
         timeout = self.timeout if timeout is None else timeout
@@ -366,54 +377,79 @@ class DriverDevice:
 
     def wait_used(self, index: int, timeout: float | None = None) -> bool:
         """Wait until queue ``index`` has a used buffer (True) or the
-        timeout expires (False), pumping the bus meanwhile.
+        timeout expires (False), pumping the bus meanwhile."""
+        return self.wait_until(self.queues[index].has_used, (index,), timeout)
+
+    def wait_until(self, done: Callable[[], bool], indices: Sequence[int] | None = None,
+                   timeout: float | None = None) -> bool:
+        """Pump the bus until ``done()`` (True) or the timeout (False);
+        ``done`` is looked at whenever queue ``indices`` (default: all) have
+        used buffers or the bus had traffic.
 
         The wait is the bus's adaptive one: while the spin window lasts the
-        ring itself is watched with used-buffer notifications off (the
-        device then sends no EVENT_USED at all); before the bus sleeps they
-        are turned back on."""
-        q = self.queues[index]
-        if q.has_used():
+        rings themselves are watched with used-buffer notifications off
+        (the device then sends no EVENT_USED at all); before the bus sleeps
+        they are turned back on, so the device's next used buffer wakes us."""
+        if done():
             return True
         drv = self.drv
         bus = drv.bus
         waiter = bus.waiter
         fifo = bus.fifo
         clock = waiter.clock
+        queues = self.queues if indices is None else [self.queues[i] for i in indices]
         now = clock()
         deadline = now + (drv.timeout if timeout is None else timeout)
         waiter.observe(fifo, now)
+        drv._watched = queues
+        try:
+            return self._wait_until(done, queues, deadline, now)
+        finally:
+            drv._watched = []
+
+    def _wait_until(self, done: Callable[[], bool], queues: Sequence[Any], deadline: float,
+                    now: float) -> bool:
+        drv = self.drv
+        bus = drv.bus
+        waiter = bus.waiter
+        fifo = bus.fifo
+        clock = waiter.clock
         while True:
             if self.removed:
                 raise BusError(f"device {self.dev_num} was removed")
+            for q in queues:   # armed again by the bus before it sleeps
+                drv._quiet_queue(self, q)
             spin = waiter.spin_left(now)
             if spin > 0 and bus.up:
-                drv._quiet_queue(self, q)
                 end = now + min(spin, SPIN_SLICE_S)
                 while True:
-                    if q.has_used():
-                        return True
                     try:
                         waiting = fifo.pending()
                     except (PeerStateError, FifoBrokenError):
                         waiting = 1     # the bus turns it into a PeerLost
                     if waiting:
                         drv.pump(0)
-                        if self.removed or q.has_used():
+                        if self.removed or done():
                             break
+                    else:
+                        for q in queues:
+                            if q.has_used():
+                                if done():
+                                    return True
+                                break
                     now = clock()
                     if now >= end or now >= deadline:
                         break
             else:
                 left = deadline - now
                 if left <= 0:
-                    return q.has_used()
+                    return done()
                 drv.pump(min(left, 0.5))
-            if q.has_used():
+            if done():
                 return True
             now = clock()
             if now >= deadline:
-                return q.has_used()
+                return done()
 
     def _on_used(self, index: int) -> None:
         if index < len(self.used_events):

@@ -37,8 +37,9 @@ DEFAULT_SPIN_US = 100.0          # a Python peer answers well within it; costs n
 DEFAULT_IDLE_BACKOFF_MS = 1.0    # longest sleep between looks on a carrier without a doorbell
 BACKOFF_START_S = 20e-6          # first sleep once the spin window has passed
 SPIN_SLICE_S = 0.01              # longest C spin without a look at signals and housekeeping
-FD_CHECK_S = 0.001               # while spinning, the loop's other fds are looked at this often
+FD_CHECK_S = 50e-6               # while spinning, the loop's other fds are looked at this often
 _SPIN_FOREVER_NS = 1 << 62       # FIFO spin setting for "spin until the timeout"
+_SPIN_MIN_S = 1e-7               # less spin window than this left: it is over
 
 SPIN = "spin"
 BLOCK = "block"
@@ -109,7 +110,7 @@ class Waiter:
         if self.policy.busy_poll:
             return SPIN, SPIN_SLICE_S
         left = self.spin_s - (now - self.active_at)
-        if left > 0:
+        if left > _SPIN_MIN_S:
             return SPIN, left
         if can_block:
             return BLOCK, math.inf
@@ -128,7 +129,8 @@ class Waiter:
     # ---- the doing ----------------------------------------------------------------
     def wait(self, fifo: Any, timeout: float | None, fds: Sequence[int] = (),
              cap: Callable[[float | None], float | None] | None = None,
-             arm: Callable[[], bool] | None = None) -> list[int]:
+             arm: Callable[[], bool] | None = None,
+             check: Callable[[], bool] | None = None) -> list[int]:
         """Wait until ``fifo`` has a message, one of ``fds`` is readable or
         ``timeout`` seconds (None: no limit) have passed; returns the
         readable fds.  When the spin phase is over: ``cap(timeout)`` shortens
@@ -136,6 +138,8 @@ class Waiter:
         checks: computed only when the loop is about to sleep), and
         ``arm()`` re-enables what was quiet while spinning (queue
         notifications); True from it means work is ready: no sleep.
+        ``check()`` is looked at after every idle sleep on a carrier without
+        a doorbell (the rings the loop watches): True ends the wait.
 
         The FIFO's errors (peer left, FIFO broken or closed, shared object
         lost) propagate; so does KeyboardInterrupt."""
@@ -152,7 +156,7 @@ class Waiter:
             except ValueError:   # a doorbell without an fd: poll it like a bare carrier
                 can_block = False
         capped = cap is None and arm is None
-        fd_next = now + FD_CHECK_S
+        fd_next = now   # the fds first: the loop itself may have made one ready (a wake pipe)
         while True:
             left = deadline - now
             if left <= 0:
@@ -198,7 +202,7 @@ class Waiter:
             else:
                 self._sleep(t)
             self.slept()
-            if fifo.pending():
+            if fifo.pending() or (check is not None and check()):
                 return []
             now = clock()
 
