@@ -297,3 +297,21 @@ def test_ctrl_c_ends_a_busy_poll_wait() -> None:
                 drv.pump(30)   # the SIGINT ends it long before
         finally:
             timer.cancel()
+
+
+def test_a_notification_queued_outside_any_event_is_sent() -> None:
+    """Host input (a device fd) queues EVENT_USED with no bus event to
+    handle: the serving loop must still send it (it used to stay queued
+    until the driver's next message, and the driver waited out its slice)."""
+    from vmsgamp.protocol import EventUsed
+
+    seen: list = []
+    with amp_pair(lambda: [RngDevice()], process=False, doorbell="eventfd",
+                  server_hook=seen.append) as drv:
+        dev = drv.open(0)
+        server = seen[0]
+        with server._lock:
+            server._queue_event(EventUsed(dev_num=0, vq_index=0))
+            server.handle_events([])
+            assert not server._outbox
+        assert dev.wait_until(lambda: dev.used_events[0] >= 1, (), 5)

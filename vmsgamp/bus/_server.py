@@ -176,7 +176,7 @@ class DeviceServer:
     def handle_events(self, events: list[Event]) -> None:
         pending = self._late + list(events)
         self._late = []
-        while pending:
+        while True:
             for ev in pending:
                 if not self.bus.up and not isinstance(ev, PeerLost):
                     continue    # the session ended under us: the rest was the old session's
@@ -186,7 +186,11 @@ class DeviceServer:
                     raise
                 except Exception as e:  # last resort: one bad message never ends the loop
                     self._dispatch_failed(ev, e)
+            # Flushed even when there were no events: host input (a device fd)
+            # queues its EVENT_USED outside any event.
             self._flush()
+            if not self._late:
+                return
             pending, self._late = self._late, []
 
     def _handle_event(self, ev: Event) -> None:
