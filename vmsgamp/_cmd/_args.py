@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vmsgamp.bus._wait import WaitPolicy
 
 
 def int_auto(text: str) -> int:
@@ -116,7 +120,7 @@ def add_wait_args(p: argparse.ArgumentParser) -> None:
                         "costs one CPU per loop)")
 
 
-def wait_policy(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def wait_policy(args: argparse.Namespace) -> WaitPolicy:
     """The WaitPolicy the wait options name (defaults for a command without them)."""
     from vmsgamp.bus._wait import policy_from
 
