@@ -26,12 +26,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from vmsgamp.bus._amp import BusError
 from vmsgamp.devices.console import (
     CONSOLE_PORT, CONTROL, CONTROL_RX_QUEUE, CONTROL_TX_QUEUE, DEFAULT_SIZE_ORDER, DEVICE_READY,
     PORT_ADD, PORT_NAME, PORT_OPEN, PORT_READY, PORT_REMOVE, RESIZE, SIZE_ORDERS,
     VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE, VIRTIO_ID_CONSOLE, check_size_order, port_queues,
 )
+from vmsgamp.errors import VmsgampError
 
 __all__ = ["ConsoleClient", "ConsolePortStream", "ConsoleStreamWriter", "open_console_streams"]
 
@@ -376,7 +376,7 @@ class ConsoleClient:
 
         try:
             return self.dev.wait_until(ready, None, timeout)
-        except BusError:
+        except VmsgampError:   # the bus's "device was removed"
             if self.dev.removed:
                 raise BrokenPipeError(f"console device {self.dev.dev_num} was removed") from None
             raise
