@@ -315,3 +315,28 @@ def test_a_notification_queued_outside_any_event_is_sent() -> None:
             server.handle_events([])
             assert not server._outbox
         assert dev.wait_until(lambda: dev.used_events[0] >= 1, (), 5)
+
+
+def test_idle_sleep_poll_notices_a_shrunk_shared_object() -> None:
+    """Sleep-polling reads only the queue heads: like the FIFO's own idle
+    waits it must look at the object's size now and then (truncate(1))."""
+    from vmsgamp.errors import SharedObjectLost
+
+    class Region:
+        def __init__(self) -> None:
+            self.looks = 0
+
+        def poll_size(self) -> bool:
+            self.looks += 1
+            return self.looks >= 3
+
+        def check_alive(self) -> None:
+            raise SharedObjectLost("shm:x")
+
+    clock = Clock()
+    fifo = FakeFifo(clock)
+    fifo.region = Region()
+    w, _ = make(WaitPolicy(spin_us=0), clock)
+    with pytest.raises(SharedObjectLost):
+        w.wait(fifo, 10.0)
+    assert fifo.region.looks == 3 and clock.t < 1.0

@@ -40,6 +40,7 @@ SPIN_SLICE_S = 0.01              # longest C spin without a look at signals and 
 FD_CHECK_S = 50e-6               # while spinning, the loop's other fds are looked at this often
 _SPIN_FOREVER_NS = 1 << 62       # FIFO spin setting for "spin until the timeout"
 _SPIN_MIN_S = 1e-7               # less spin window than this left: it is over
+SIZE_POLL_S = 0.1                # idle sleep-poll: fstat the shared object this often
 
 SPIN = "spin"
 BLOCK = "block"
@@ -73,7 +74,7 @@ class Waiter:
     ``select`` are injectable for tests."""
 
     __slots__ = ("policy", "spin_s", "cap_s", "clock", "_sleep", "_select", "active_at",
-                 "backoff", "_seen", "spins", "blocks", "sleeps")
+                 "backoff", "_seen", "_size_next", "spins", "blocks", "sleeps")
 
     def __init__(self, policy: WaitPolicy | None = None, *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Any] = time.sleep,
@@ -87,6 +88,7 @@ class Waiter:
         self.active_at = -math.inf       # last activity
         self.backoff = BACKOFF_START_S   # next idle sleep on a polled carrier
         self._seen = -1                  # the FIFO's sent + received at the last look
+        self._size_next = 0.0            # next look at the shared object's size while sleep-polling
         # what the waits did (reports and tests)
         self.spins = 0
         self.blocks = 0
@@ -205,6 +207,14 @@ class Waiter:
             if fifo.pending() or (check is not None and check()):
                 return []
             now = clock()
+            if now >= self._size_next:
+                # What the FIFO's own idle waits do: sleep-polling touches
+                # only the queue heads, so a shared object shrunk below the
+                # rest of the window would go unnoticed.
+                self._size_next = now + SIZE_POLL_S
+                region = getattr(fifo, "region", None)
+                if region is not None and region.poll_size():
+                    region.check_alive()   # raises SharedObjectLost
 
     def _block_with_fds(self, fifo: Any, bell: int, fds: Sequence[int], left: float | None) -> list[int]:
         if fifo.arm_wait():            # a message came in meanwhile: do not sleep
