@@ -369,7 +369,9 @@ class DriverDevice:
         """EVENT_AVAIL for queue ``index`` if the device wants a kick."""
         q = self.queues[index]
         if q.kick_prepare():
-            lost = self.drv.bus.send(self._kicks[index])
+            kicks = self._kicks   # queues set up without open() (tests' fake kernels) have none cached
+            kick = kicks[index] if index < len(kicks) else EventAvail(dev_num=self.dev_num, vq_index=index)
+            lost = self.drv.bus.send(kick)
             if lost:
                 self.drv.dispatch(lost)
             return True
@@ -394,7 +396,9 @@ class DriverDevice:
             return True
         drv = self.drv
         bus = drv.bus
-        waiter = bus.waiter
+        waiter = getattr(bus, "waiter", None)
+        if waiter is None:   # a bus without a FIFO (a fake kernel's transfers): plain pumping
+            return self._pump_until(done, drv.timeout if timeout is None else timeout)
         fifo = bus.fifo
         clock = waiter.clock
         queues = self.queues if indices is None else [self.queues[i] for i in indices]
@@ -406,6 +410,17 @@ class DriverDevice:
             return self._wait_until(done, queues, deadline, now)
         finally:
             drv._watched = []
+
+    def _pump_until(self, done: Callable[[], bool], timeout: float) -> bool:
+        deadline = self.drv.bus.clock() + timeout
+        while not done():
+            if self.removed:
+                raise BusError(f"device {self.dev_num} was removed")
+            left = deadline - self.drv.bus.clock()
+            if left <= 0:
+                return done()
+            self.drv.pump(min(left, 0.5))
+        return True
 
     def _wait_until(self, done: Callable[[], bool], queues: Sequence[Any], deadline: float,
                     now: float) -> bool:
