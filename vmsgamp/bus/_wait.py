@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_SPIN_US = 100.0          # a Python peer answers well within it; costs nothing when idle
-DEFAULT_IDLE_BACKOFF_MS = 2.0    # longest sleep between looks on a carrier without a doorbell (idle CPU ~1%)
+DEFAULT_IDLE_BACKOFF_MS = 4.0    # longest sleep between looks on a carrier without a doorbell (idle CPU ~1%)
 BACKOFF_START_S = 20e-6          # first sleep once the spin window has passed
 SPIN_SLICE_S = 0.01              # longest C spin without a look at signals and housekeeping
 FD_CHECK_S = 50e-6               # while spinning, the loop's other fds are looked at this often
