@@ -13,7 +13,7 @@ import pytest
 
 from vmsgamp._bench import devices, harness
 
-KEYS = ("ping_rtt_p50_us", "console_rtt_p50_us", "rng_request_rtt_p50_us", "rng_mb_per_s",
+KEYS = ("ping_rtt_p50_us", "ping_shm_rtt_p50_us", "ping_ivshmem_rtt_p50_us", "console_rtt_p50_us", "rng_request_rtt_p50_us", "rng_mb_per_s",
         "blk_seq_mb_per_s", "blk_rand_iops", "fifo_busy_rtt_p50_us")
 
 
@@ -36,14 +36,17 @@ def test_devices_json_has_every_figure() -> None:
         assert r[key] > 0, key
     assert 0 < r["blk_seq_vs_memcpy"] and r["memcpy_mb_per_s"] > 0
     assert r["rng_source"] == "zero" and r["doorbell"] == "eventfd"
-    statuses = {v["target"].split(" p50")[0]: v["status"] for v in r["verdicts"]}
-    for t in ("bus PING round trip", "console echo round trip", "64-byte rng request round trip"):
-        assert statuses[t] in ("PASS", "MISS"), t
+    for start, end in (("bus PING round trip", "(shm: polling, default wait)"),
+                       ("bus PING round trip", "(ivshmem: eventfd doorbells, default wait)"),
+                       ("console echo round trip", "us"), ("64-byte rng request round trip", "us")):
+        found = [v for v in r["verdicts"] if v["target"].startswith(start) and v["target"].endswith(end)]
+        assert len(found) == 1 and found[0]["status"] in ("PASS", "MISS"), (start, end)
 
 
 def test_polling_doorbell_and_human_output() -> None:
     r = devices.run(_args("--doorbell", "polling", "--no-fifo", "--rng-source", "pattern"))
     assert r["doorbell"] == "polling" and "fifo_busy_rtt_p50_us" not in r
+    assert r["ping_rtt_p50_us"] == r["ping_shm_rtt_p50_us"] and r["ping_ivshmem_rtt_p50_us"] > 0
     text = devices.format_human(r)
     assert "polling doorbells" in text and "shm: polling" in text
     assert text.count("\nverdict ") == len(r["verdicts"])

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vmsgamp.bus._wait import WaitPolicy
 
 
 def int_auto(text: str) -> int:
@@ -98,3 +102,34 @@ def int_range(low: int, high: int):  # type: ignore[no-untyped-def]
 
     parse.__name__ = f"integer {low}..{high}"
     return parse
+
+
+def add_wait_args(p: argparse.ArgumentParser) -> None:
+    """--spin-us, --idle-backoff-ms, --busy-poll: how the bus loops wait
+    (vmsgamp.bus.WaitPolicy)."""
+    from vmsgamp.bus._wait import DEFAULT_IDLE_BACKOFF_MS, DEFAULT_SPIN_US
+
+    p.add_argument("--spin-us", type=nonneg_float, default=DEFAULT_SPIN_US, metavar="US",
+                   help="after traffic, spin this many microseconds watching the FIFO and queues "
+                        "before blocking on the doorbell (0: block at once)")
+    p.add_argument("--idle-backoff-ms", type=positive_float, default=DEFAULT_IDLE_BACKOFF_MS, metavar="MS",
+                   help="carriers without a doorbell (shm:, file:, polled pci:): longest sleep "
+                        "between looks at the FIFO when idle")
+    p.add_argument("--busy-poll", action="store_true",
+                   help="never sleep: spin on the FIFO and queues all the time (benchmarks; "
+                        "costs one CPU per loop)")
+
+
+def wait_policy(args: argparse.Namespace) -> WaitPolicy:
+    """The WaitPolicy the wait options name (defaults for a command without them)."""
+    from vmsgamp.bus._wait import policy_from
+
+    return policy_from(getattr(args, "spin_us", None), getattr(args, "idle_backoff_ms", None),
+                       bool(getattr(args, "busy_poll", False)))
+
+
+def wait_argv(args: argparse.Namespace) -> list[str]:
+    """The wait options again, for a child command."""
+    pol = wait_policy(args)
+    out = ["--spin-us", repr(pol.spin_us), "--idle-backoff-ms", repr(pol.idle_backoff_ms)]
+    return out + (["--busy-poll"] if pol.busy_poll else [])

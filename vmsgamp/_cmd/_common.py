@@ -5,7 +5,7 @@ import argparse
 import os
 from typing import Any
 
-from vmsgamp._cmd._args import add_command, int_auto, nonneg_int, positive_float, positive_int
+from vmsgamp._cmd._args import add_command, int_auto, nonneg_int, positive_float, positive_int, wait_policy
 from vmsgamp._cmd._output import add_json_arg, emit
 from vmsgamp._core.fifo import PLACEMENTS, MsgFifo, Role
 from vmsgamp.bus import AmpBus
@@ -79,7 +79,8 @@ def layout_window(args: argparse.Namespace) -> int:
 def start_driver_bus(args: argparse.Namespace, carrier: Carrier, fifo: MsgFifo) -> AmpBus:
     from vmsgamp.protocol import DriverConnection
 
-    bus = AmpBus(fifo, DriverConnection(profile=args.profile, max_msg_size=args.max_msg_size))
+    bus = AmpBus(fifo, DriverConnection(profile=args.profile, max_msg_size=args.max_msg_size),
+                 wait=wait_policy(args))
     bus.watch_carrier(carrier)      # ivshmem: a device side that dies is noticed at once
     try:
         bus.start(args.timeout)

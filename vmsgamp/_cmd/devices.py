@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from vmsgamp._cmd._args import positive_int
+from vmsgamp._cmd._args import add_wait_args, positive_int
 from vmsgamp._cmd._common import (
     add_command, add_endpoint_args, driver_memory_start, emit, open_endpoint, start_driver_bus,
 )
@@ -27,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                 "device side.")
     add_endpoint_args(p)
     p.add_argument("-n", "--count", type=positive_int, default=10, help="number of pings")
+    add_wait_args(p)
     add_trace_arg(p)
     p.set_defaults(func=run_ping)
 

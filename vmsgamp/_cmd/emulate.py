@@ -14,7 +14,7 @@ import tempfile
 import time
 from typing import Any
 
-from vmsgamp._cmd._args import add_command, positive_float
+from vmsgamp._cmd._args import add_command, add_wait_args, positive_float, wait_argv, wait_policy
 from vmsgamp._cmd._output import add_json_arg, emit
 from vmsgamp._cmd._process import start_child, stop_child
 from vmsgamp.cli import CliError, cleanup_shield
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(QEMU mps2-an386) instead of a vmsgamp process")
     p.add_argument("--m4-doorbell", choices=["uart", "poll"], default="uart",
                    help="with --coprocessor m4: ring through the M4's UART, or poll")
+    add_wait_args(p)
     add_json_arg(p, "the report")
     p.set_defaults(func=run)
 
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             tracer = open_tracer(args.trace)
             trace_args = ["--trace", device_trace_path(args.trace)] if args.trace else []
             child = start_child(["serve", "--region", f"ivshmem:{sock}", "--devices", devices,
-                                 "--layout", args.layout, "--json", *trace_args],
+                                 "--layout", args.layout, "--json", *wait_argv(args), *trace_args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             line = child.stdout.readline() if child.stdout else ""
             if not line:
@@ -104,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
             t0 = time.perf_counter()
             carrier = open_carrier(f"ivshmem:{sock}", timeout=10)
             fifo = MsgFifo(carrier.region, role="driver", layout=args.layout, doorbell=carrier.doorbell)
-            bus = AmpBus(fifo, DriverConnection(), tracer=tracer, trace_name=f"ivshmem:{sock}")
+            bus = AmpBus(fifo, DriverConnection(), tracer=tracer, trace_name=f"ivshmem:{sock}",
+                         wait=wait_policy(args))
             bus.watch_carrier(carrier)     # the device process dying ends the session at once
             bus.start(10)
             drv = AmpDriver(bus, RegionAllocator(carrier.region, 16384), timeout=5)

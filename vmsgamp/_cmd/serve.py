@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from vmsgamp._cmd import _serve_vmsg_lb
-from vmsgamp._cmd._args import positive_float
+from vmsgamp._cmd._args import add_wait_args, positive_float, wait_policy
 from vmsgamp._cmd._common import add_command, add_endpoint_args, emit, int_auto, open_endpoint
 from vmsgamp._cmd.trace import add_trace_arg, close_tracer, open_tracer, trace_line
 from vmsgamp._core.addrspace import AddressSpace
@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-packed", action="store_true", help="do not offer VIRTIO_F_RING_PACKED")
     p.add_argument("--keepalive", type=positive_float, default=None, metavar="S",
                    help="ping the driver every S seconds; 3 misses = peer dead")
+    add_wait_args(p)
     add_trace_arg(p)
     p.add_argument("--takeover", action="store_true",
                    help="serve the window even though another device side seems to be on it "
@@ -104,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         aspace, extra = build_address_space(args, carrier.region)
         tracer = open_tracer(args.trace)
         bus = AmpBus(fifo, DeviceConnection(profile=args.profile, max_msg_size=args.max_msg_size),
-                     tracer=tracer, trace_name=args.region)
+                     tracer=tracer, trace_name=args.region, wait=wait_policy(args))
         server = DeviceServer(bus, aspace, devices, offer_packed=not args.no_packed,
                               handshake_timeout=0.25, takeover=args.takeover)
         # ivshmem: the server's notices keep the doorbell on the current driver

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmsgamp._core.fifo import MsgFifo
+from vmsgamp.bus._wait import WaitPolicy, Waiter
 from vmsgamp.errors import BadMessageSize, FifoBrokenError, PeerStateError, VmsgampError
 from vmsgamp.protocol import (
     BusMsgId, Connection, Event, Message, PingRequest, RequestTimedOut, ResponseReceived, encode,
@@ -49,6 +50,8 @@ _WAIT_SLICE_S = 0.25        # longest FIFO wait while watching a carrier
 _PROBE_DATA = 0x7E000000    # liveness probe PINGs: data = _PROBE_DATA | seq (24 bits)
 _PROBE_TOKEN = 0x7E7E       # their token (any non-zero value; answers echo it)
 _PING = struct.Struct("<I")
+_PING_ID = int(BusMsgId.PING)
+_LIVENESS_LOOKS = 12        # the liveness rule is applied this often per liveness period
 
 
 class BusError(VmsgampError):
@@ -75,7 +78,7 @@ class AmpBus:
     def __init__(self, fifo: MsgFifo, conn: Connection, *, send_timeout: float = 2.0,
                  clock: Callable[[], float] = time.monotonic, tracer: Any = None,
                  trace_name: str | None = None,
-                 liveness: float | None = DEFAULT_LIVENESS_S):
+                 liveness: float | None = DEFAULT_LIVENESS_S, wait: WaitPolicy | None = None):
         self.fifo = fifo
         self.conn = conn
         self.clock = clock
@@ -83,7 +86,15 @@ class AmpBus:
         self.up = fifo.state == "running"
         self.sessions = 1 if self.up else 0
         self.peer_events: list[PeerLost] = []
-        self._rx = bytearray(fifo.slot_size)
+        # Adaptive waiting (vmsgamp.bus._wait): spin after traffic, then block or poll.
+        self.waiter = Waiter(wait)
+        # Called when a wait leaves its spin phase, before it sleeps: re-arm
+        # what was kept quiet while spinning (AmpDriver: used-buffer
+        # notifications); True = work is ready, do not sleep.
+        self.before_sleep: Callable[[], bool] | None = None
+        # Looked at between idle sleeps on a carrier without a doorbell (the
+        # rings a waiter watches): True = work is ready, stop sleeping.
+        self.while_asleep: Callable[[], bool] | None = None
         # keepalive: PING every `interval` s; `misses` unanswered in a row = peer dead
         self._ka_interval: float | None = None
         self._ka_misses = 3
@@ -105,6 +116,7 @@ class AmpBus:
         self._probes: dict[int, float] = {}   # probe data -> time sent
         self._probe_seq = 0
         self.probes_sent = 0
+        self._live_next = 0.0                 # next look at the liveness rule
         # session ends we caused or saw
         self.fifo_breaks = 0
         self._fresh = False                   # next start() waits for a new peer handshake
@@ -217,38 +229,54 @@ class AmpBus:
             return self._broken(e)
         return []
 
+    @property
+    def wait_policy(self) -> WaitPolicy:
+        return self.waiter.policy
+
     def poll(self, timeout: float | None = 0.0) -> list[Event]:
         """Wait up to ``timeout`` seconds (None: until something happens) for
-        messages or a request deadline, then process everything ready."""
+        messages or a request deadline, then process everything ready.
+        The wait is adaptive (``wait_policy``): it spins while traffic
+        flows, then blocks on the doorbell or polls with a growing sleep."""
         if not self.up:
             raise BusError("bus is down: the peer is gone; start() it again")
-        events: list[Event] = []
+        fifo = self.fifo
         try:
-            if self.fifo.pending() == 0 and timeout != 0:
-                self.fifo.wait_readable(self._wait_limit(timeout))
-            events.extend(self._drain())
+            if timeout != 0 and not fifo.pending():
+                self.waiter.wait(fifo, timeout, cap=self._wait_limit, arm=self.before_sleep,
+                                 check=self.while_asleep)
+            events = self._drain()
         except PeerStateError as e:
-            events.extend(self._lost(e))
-            return events
+            return self._lost(e)
         except FifoBrokenError as e:
-            events.extend(self._broken(e))
-            return events
-        if self._carrier is not None and self.clock() >= self._carrier_next:
+            return self._broken(e)
+        ready = self.conn.data_to_send()
+        if ready:   # answers first: the peer is waiting for them, housekeeping is not
+            events.extend(self.transmit(ready))
+            if not self.up:
+                return events
+        now = self.clock()
+        if self._carrier is not None and now >= self._carrier_next:
             events.extend(self.check_carrier())
             if not self.up:
                 return events
-        events.extend(self.conn.handle_timeout(self.clock()))
+        expired = self.conn.handle_timeout(now)
+        if expired:
+            events.extend(expired)
         out: list[bytes] = []
         if self._ka_interval is not None:
             events = self._keepalive(events)
             if not self.up:
                 return events
             out, self._ka_out = self._ka_out, []
-        if self.liveness is not None:
+        if self.liveness is not None and now >= self._live_next:
+            self._live_next = now + self.liveness / _LIVENESS_LOOKS
             events.extend(self._liveness(out))
             if not self.up:
                 return events
-        events.extend(self.transmit(out + self.conn.data_to_send()))
+        ready = self.conn.data_to_send()
+        if ready or out:
+            events.extend(self.transmit(out + ready if out else ready))
         return events
 
     def _wait_limit(self, timeout: float | None) -> float | None:
@@ -334,28 +362,32 @@ class AmpBus:
 
     def _drain(self) -> list[Event]:
         events: list[Event] = []
-        now = self.clock()
-        recv = self.fifo.try_recv
-        buf = self._rx
-        tap = self._tap
+        recv = self.fifo.recv_many
+        batch = self.fifo.num_slots   # a peer that keeps sending cannot hold us here
         while True:
             try:
-                n = recv(buf)
+                msgs = recv(batch)  # one C call and one copy per message
             except BadMessageSize as e:
                 # Counted by the FIFO; the protocol never saw it.
-                self._heard = now
+                self._heard = self.clock()
                 self.conn.counters.rx_malformed += 1
                 self.conn.counters.last_error = str(e)
                 continue
-            if not n:
+            if not msgs:
                 return events
-            self._heard = now
-            data = bytes(buf[:n])
-            if tap is not None:
-                tap.rx(data)
-            if self._probes and self._is_probe_answer(data):
-                continue
-            events.extend(self.conn.receive_bytes(data, now))
+            now = self._heard = self.clock()
+            conn = self.conn
+            tap = self._tap
+            for data in msgs:
+                if tap is not None:
+                    tap.rx(data)
+                if data[1] == _PING_ID:
+                    if data[0] & 1:     # a PING answer: ours, or a liveness probe's
+                        if self._probes and self._is_probe_answer(data):
+                            continue
+                    elif conn.answer_ping(data):   # the protocol answers a PING from its bytes
+                        continue
+                events.extend(conn.receive_bytes(data, now))
 
     def peer_lost(self, e: PeerStateError | FifoBrokenError) -> list[Event]:
         """Handle an error raised by a direct FIFO call (e.g. arm_wait)."""

@@ -17,7 +17,8 @@ from typing import Any
 from vmsgamp._core.addrspace import AddressSpace, RegionAllocator
 from vmsgamp._core.virtq import PackedQueueDriver, SplitQueueDriver
 from vmsgamp.bus._amp import AmpBus, BusError, PeerLost
-from vmsgamp.errors import VmsgampError
+from vmsgamp.bus._wait import SPIN_SLICE_S
+from vmsgamp.errors import FifoBrokenError, PeerStateError, VmsgampError
 from vmsgamp.protocol import (
     VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, ConfigRead,
     DeviceBusState, DeviceStatus, DriverConnection, Event, EventAvail, EventConfig, EventDevice,
@@ -29,6 +30,7 @@ from vmsgamp.protocol import (
 
 log = logging.getLogger("vmsgamp.driver")
 S = DeviceStatus
+_ANSWERS = frozenset({ResponseReceived, RequestTimedOut, RequestCancelled})   # how a request ends
 
 DEVICE_NAMES = {1: "net", 2: "block", 3: "console", 4: "rng", 5: "balloon", 8: "scsi", 9: "9p",
                 16: "gpu", 18: "input", 19: "vsock", 20: "crypto", 26: "fs", 34: "i2c", 41: "gpio",
@@ -79,36 +81,79 @@ class AmpDriver:
         self.hotplug: list[tuple[str, int]] = []       # ('ready'|'removed', dev_num)
         self.peer_lost: list[PeerLost] = []
         self._done: list[Event] = []                   # finished operations not yet claimed
+        # Queues whose used-buffer notifications are off while wait_used()
+        # spins on them; turned back on before the bus sleeps (_arm_queues).
+        self._quiet: dict[int, tuple[DriverDevice, Any]] = {}
+        bus.before_sleep = self._arm_queues
+        # The queues wait_until() watches: looked at between idle sleeps on
+        # a carrier without a doorbell (a used buffer is found even if its
+        # EVENT_USED was suppressed).
+        self._watched: list[Any] = []
+        bus.while_asleep = self._rings_ready
 
     # ---- pumping -----------------------------------------------------------
     def pump(self, timeout: float | None = 0.0) -> None:
-        self.dispatch(self.bus.poll(timeout))
+        """Process what the bus has, waiting up to ``timeout`` seconds for it
+        (the bus's adaptive wait: spin while traffic flows, then block)."""
+        events = self.bus.poll(timeout)
+        if events:
+            self.dispatch(events)
 
     def dispatch(self, events: list[Event]) -> None:
         for ev in events:
-            if isinstance(ev, NotificationReceived):
+            cls = ev.__class__
+            if cls is NotificationReceived:
                 msg = ev.message
-                if isinstance(msg, EventUsed):
+                mcls = msg.__class__
+                if mcls is EventUsed:
                     dev = self.devices.get(msg.dev_num)
                     if dev is not None:
                         dev._on_used(msg.vq_index)
-                elif isinstance(msg, EventConfig):
+                elif mcls is EventConfig:
                     dev = self.devices.get(msg.dev_num)
                     if dev is not None:
                         dev._on_config(msg)
-                elif isinstance(msg, EventDevice):
+                elif mcls is EventDevice:
                     kind = ("ready" if msg.device_bus_state & DeviceBusState.READY else
                             "removed" if msg.device_bus_state & DeviceBusState.REMOVED else "other")
                     self.hotplug.append((kind, msg.device_number))
                     if kind == "removed" and msg.device_number in self.devices:
                         self.devices.pop(msg.device_number)._on_removed()
-            elif isinstance(ev, PeerLost):
+            elif cls is PeerLost:
                 self.peer_lost.append(ev)
                 for dev in self.devices.values():
                     dev._on_removed()
                 self.devices.clear()
             else:
                 self._done.append(ev)
+
+    def _quiet_queue(self, dev: DriverDevice, q: Any) -> None:
+        """Ask the device not to send EVENT_USED for ``q``: wait_used() is
+        watching the ring itself."""
+        if id(q) not in self._quiet:
+            q.disable_callbacks()
+            self._quiet[id(q)] = (dev, q)
+
+    def _arm_queues(self) -> bool:
+        """Before the bus sleeps: notifications back on for every quiet
+        queue (their fence closes the lost-wake-up race); True if one has
+        used buffers already (then do not sleep)."""
+        ready = False
+        for dev, q in self._quiet.values():
+            if dev.removed:
+                continue
+            try:
+                ready |= bool(q.enable_callbacks())
+            except VmsgampError as e:   # a broken ring: its user finds out on its next call
+                log.debug("device %d: re-enabling notifications: %s", dev.dev_num, e)
+        self._quiet.clear()
+        return ready
+
+    def _rings_ready(self) -> bool:
+        for q in self._watched:
+            if q.has_used():
+                return True
+        return False
 
     def _wait_for(self, match: Callable[[Event], bool], what: str, timeout: float | None = None) -> Event:
         timeout = self.timeout if timeout is None else timeout
@@ -125,21 +170,42 @@ class AmpDriver:
                 raise TimeoutError(f"{what}: no answer within {timeout} s")
             self.pump(min(left, 0.5))
 
+    def _wait_answer(self, cls: type, dev_num: int, timeout: float) -> Event:
+        """The ResponseReceived, RequestTimedOut or RequestCancelled of our
+        request of class ``cls`` to ``dev_num`` (one is in flight per
+        channel): _wait_for without a closure per call."""
+        bus = self.bus
+        done = self._done
+        deadline = None
+        while True:
+            for i, ev in enumerate(done):
+                if ev.__class__ in _ANSWERS:
+                    req = ev.request
+                    if req.__class__ is cls and req.dev_num == dev_num:
+                        del done[i]
+                        return ev
+            if not bus.up:
+                raise BusError(f"{cls.__name__}: {self._why_down()}")
+            now = bus.clock()
+            if deadline is None:
+                deadline = now + timeout
+            left = deadline - now
+            if left <= 0:
+                raise TimeoutError(f"{cls.__name__}: no answer within {timeout} s")
+            events = bus.poll(left if left < 0.5 else 0.5)
+            if events:
+                self.dispatch(events)
+
     def request(self, msg: Message, *, timeout: float | None = None) -> Message:
         """Send a request and wait for its response."""
         timeout = self.timeout if timeout is None else timeout
-        self.dispatch(self.bus.send(msg, timeout=timeout))
-        key = (msg.dev_num, type(msg))
-
-        def match(ev: Event) -> bool:
-            if isinstance(ev, (ResponseReceived, RequestTimedOut, RequestCancelled)):
-                return (ev.request.dev_num, type(ev.request)) == key
-            return False
-
-        ev = self._wait_for(match, type(msg).__name__, timeout + 1.0)
-        if isinstance(ev, ResponseReceived):
+        lost = self.bus.send(msg, timeout=timeout)
+        if lost:
+            self.dispatch(lost)
+        ev = self._wait_answer(msg.__class__, msg.dev_num, timeout + 1.0)
+        if ev.__class__ is ResponseReceived:
             return ev.response
-        if isinstance(ev, RequestTimedOut):
+        if ev.__class__ is RequestTimedOut:
             raise TimeoutError(f"{type(msg).__name__} to device {msg.dev_num}: no response "
                                f"within {timeout} s")
         raise BusError(f"{type(msg).__name__} to device {msg.dev_num} cancelled: {self._why_down()}")
@@ -234,6 +300,7 @@ class DriverDevice:
         self.config_events = 0
         self.config_generation = 0
         self.removed = False
+        self._kicks: list[EventAvail] = []   # one immutable EVENT_AVAIL per queue
 
     @property
     def packed(self) -> bool:
@@ -286,6 +353,7 @@ class DriverDevice:
                                        driver_addr=q.driver_addr, device_addr=q.device_addr))
             self.queues.append(q)
             self.used_events.append(0)
+            self._kicks.append(EventAvail(dev_num=self.dev_num, vq_index=i))
         st = self._set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
         if st & S.DEVICE_NEEDS_RESET or not st & S.DRIVER_OK:
             raise DriverError(f"device {self.dev_num} did not accept DRIVER_OK (status {st:#x})")
@@ -301,24 +369,102 @@ class DriverDevice:
         """EVENT_AVAIL for queue ``index`` if the device wants a kick."""
         q = self.queues[index]
         if q.kick_prepare():
-            self.drv.dispatch(self.drv.bus.send(EventAvail(dev_num=self.dev_num, vq_index=index)))
+            kicks = self._kicks   # queues set up without open() (tests' fake kernels) have none cached
+            kick = kicks[index] if index < len(kicks) else EventAvail(dev_num=self.dev_num, vq_index=index)
+            lost = self.drv.bus.send(kick)
+            if lost:
+                self.drv.dispatch(lost)
             return True
         return False
 
     def wait_used(self, index: int, timeout: float | None = None) -> bool:
-        """Pump the bus until queue ``index`` has a used buffer (True) or the
-        timeout expires (False)."""
-        timeout = self.drv.timeout if timeout is None else timeout
-        q = self.queues[index]
+        """Wait until queue ``index`` has a used buffer (True) or the
+        timeout expires (False), pumping the bus meanwhile."""
+        return self.wait_until(self.queues[index].has_used, (index,), timeout)
+
+    def wait_until(self, done: Callable[[], bool], indices: Sequence[int] | None = None,
+                   timeout: float | None = None) -> bool:
+        """Pump the bus until ``done()`` (True) or the timeout (False);
+        ``done`` is looked at whenever queue ``indices`` (default: all) have
+        used buffers or the bus had traffic.
+
+        The wait is the bus's adaptive one: while the spin window lasts the
+        rings themselves are watched with used-buffer notifications off
+        (the device then sends no EVENT_USED at all); before the bus sleeps
+        they are turned back on, so the device's next used buffer wakes us."""
+        if done():
+            return True
+        drv = self.drv
+        bus = drv.bus
+        waiter = getattr(bus, "waiter", None)
+        if waiter is None:   # a bus without a FIFO (a fake kernel's transfers): plain pumping
+            return self._pump_until(done, drv.timeout if timeout is None else timeout)
+        fifo = bus.fifo
+        clock = waiter.clock
+        queues = self.queues if indices is None else [self.queues[i] for i in indices]
+        now = clock()
+        deadline = now + (drv.timeout if timeout is None else timeout)
+        waiter.observe(fifo, now)
+        drv._watched = queues
+        try:
+            return self._wait_until(done, queues, deadline, now)
+        finally:
+            drv._watched = []
+
+    def _pump_until(self, done: Callable[[], bool], timeout: float) -> bool:
         deadline = self.drv.bus.clock() + timeout
-        while not q.has_used():
+        while not done():
             if self.removed:
                 raise BusError(f"device {self.dev_num} was removed")
             left = deadline - self.drv.bus.clock()
             if left <= 0:
-                return False
+                return done()
             self.drv.pump(min(left, 0.5))
         return True
+
+    def _wait_until(self, done: Callable[[], bool], queues: Sequence[Any], deadline: float,
+                    now: float) -> bool:
+        drv = self.drv
+        bus = drv.bus
+        waiter = bus.waiter
+        fifo = bus.fifo
+        clock = waiter.clock
+        while True:
+            if self.removed:
+                raise BusError(f"device {self.dev_num} was removed")
+            for q in queues:   # armed again by the bus before it sleeps
+                drv._quiet_queue(self, q)
+            spin = waiter.spin_left(now)
+            if spin > 0 and bus.up:
+                end = now + min(spin, SPIN_SLICE_S)
+                while True:
+                    try:
+                        waiting = fifo.pending()
+                    except (PeerStateError, FifoBrokenError):
+                        waiting = 1     # the bus turns it into a PeerLost
+                    if waiting:
+                        drv.pump(0)
+                        if self.removed or done():
+                            break
+                    else:
+                        for q in queues:
+                            if q.has_used():
+                                if done():
+                                    return True
+                                break
+                    now = clock()
+                    if now >= end or now >= deadline:
+                        break
+            else:
+                left = deadline - now
+                if left <= 0:
+                    return done()
+                drv.pump(min(left, 0.5))
+            if done():
+                return True
+            now = clock()
+            if now >= deadline:
+                return done()
 
     def _on_used(self, index: int) -> None:
         if index < len(self.used_events):
@@ -356,7 +502,10 @@ class DriverDevice:
         for i in range(len(self.queues)):
             self.drv.request(ResetVqueueRequest(dev_num=self.dev_num, index=i))
         self._set_status(0)
+        for q in self.queues:
+            self.drv._quiet.pop(id(q), None)
         self.queues = []
+        self._kicks = []
         self.drv.devices.pop(self.dev_num, None)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import select
-import selectors
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +26,7 @@ from typing import Any
 from vmsgamp._core.addrspace import AddressSpace
 from vmsgamp.bus._amp import AmpBus, BusError, PeerLost
 from vmsgamp.bus._claim import DEFAULT_OBSERVE_S, DeviceSideClaim
+from vmsgamp.bus._wait import FD_CHECK_S
 from vmsgamp.bus._device_side import MAX_DEVICES, DeviceTransport, absent_response, fallback_response
 from vmsgamp.devices._base import VirtioDevice
 from vmsgamp.errors import (
@@ -73,7 +73,6 @@ class DeviceServer:
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self.events: list[Any] = []      # PeerLost and hot-plug history, for reports
-        self.pings_answered = 0
         self._ping_seq = 0
         self._ping_sent: dict[int, float] = {}
         self.ping_rtts: list[float] = []
@@ -83,6 +82,7 @@ class DeviceServer:
         self.overwrites = 0              # our layout or queue head changed under us
         self.recoveries = 0              # sessions started again after one ended
         self._verify_next = 0.0
+        self._fds_next = 0.0             # next look at the host fds while busy
         self._overwritten = False        # wait until the window is free before writing it
         self._closed = False
         items = devices.items() if isinstance(devices, dict) else enumerate(devices)
@@ -162,6 +162,12 @@ class DeviceServer:
         self._outbox.clear()
         self._rescan.clear()
 
+    @property
+    def pings_answered(self) -> int:
+        """Bus PINGs the driver sent us and we answered (most are answered
+        by the connection's fast path, without an event)."""
+        return int(self.conn.counters.pings_answered)
+
     def stats(self) -> dict[str, Any]:
         """Counters for reports and tests: the bus's plus the server's own."""
         return self.bus.stats() | {
@@ -175,7 +181,7 @@ class DeviceServer:
     def handle_events(self, events: list[Event]) -> None:
         pending = self._late + list(events)
         self._late = []
-        while pending:
+        while True:
             for ev in pending:
                 if not self.bus.up and not isinstance(ev, PeerLost):
                     continue    # the session ended under us: the rest was the old session's
@@ -185,7 +191,11 @@ class DeviceServer:
                     raise
                 except Exception as e:  # last resort: one bad message never ends the loop
                     self._dispatch_failed(ev, e)
+            # Flushed even when there were no events: host input (a device fd)
+            # queues its EVENT_USED outside any event.
             self._flush()
+            if not self._late:
+                return
             pending, self._late = self._late, []
 
     def _handle_event(self, ev: Event) -> None:
@@ -194,7 +204,7 @@ class DeviceServer:
         elif isinstance(ev, NotificationReceived) and isinstance(ev.message, EventAvail):
             self._kick(ev.message.dev_num, ev.message.vq_index)
         elif isinstance(ev, PingReceived):
-            self.pings_answered += 1
+            pass    # answered by the connection; counted in its counters
         elif isinstance(ev, ResponseReceived):
             sent = self._ping_sent.pop(getattr(ev.response, "data", -1), None)
             if sent is not None:
@@ -260,33 +270,68 @@ class DeviceServer:
 
     # ---- serving ----------------------------------------------------------------
     def step(self, timeout: float | None = 0.05) -> None:
-        """Serve one wake-up: bus traffic, device fds, timeouts."""
+        """Serve one wake-up: bus traffic, device fds, timeouts.  The wait
+        is the bus's adaptive one (``bus.wait_policy``), with the device
+        and carrier fds watched too."""
         with self._lock:
+            bus = self.bus
             if self._late:
                 self.handle_events([])
-            if not self.bus.up and not self._start_session():
+            if not bus.up and not self._start_session():
                 return
-            self._verify_window()
-            if not self.bus.up:
-                return
+            now = bus.clock()
+            if now >= self._verify_next:
+                self._verify_window()
+                if not bus.up:
+                    return
             if self._rescan:
                 for dev_num, vq in list(self._rescan):
                     self._kick(dev_num, vq)
                 self._flush()
                 timeout = 0
-            fds = [fd for t in self.transports.values() for fd in t.device.poll_fds()] + list(self._fds)
-            bell = self.bus.carrier_fileno()
-            if bell is not None:
-                fds.append(bell)
-            if fds and timeout != 0:
-                try:
-                    self._wait_with_fds(fds, timeout)
-                except (PeerStateError, FifoBrokenError) as e:
-                    self.handle_events(self.bus.peer_lost(e))
-                    return
-                timeout = 0
-            if self.bus.up:
-                self.handle_events(self.bus.poll(timeout))
+            try:
+                waiting = timeout != 0 and not bus.fifo.pending()
+                if waiting or now >= self._fds_next:
+                    # Host fds: watched by the wait when the loop sleeps, and
+                    # looked at now and then while the bus keeps it busy.
+                    fds = self._watched_fds()
+                    if fds:
+                        self._fds_next = now + FD_CHECK_S
+                        if waiting:
+                            ready = bus.waiter.wait(bus.fifo, timeout, fds, cap=bus._wait_limit,
+                                                     arm=bus.before_sleep)
+                        else:
+                            ready = select.select(fds, [], [], 0)[0]
+                        self._on_fds(ready)
+                        timeout = 0
+            except (PeerStateError, FifoBrokenError) as e:
+                self.handle_events(bus.peer_lost(e))
+                return
+            events = bus.poll(timeout)
+            if events or self._late or self._outbox:
+                self.handle_events(events)
+
+    def _watched_fds(self) -> list[int]:
+        """The device models' fds, the loop's own and the carrier's notice fd."""
+        fds = [fd for t in self.transports.values() for fd in t.device.poll_fds()]
+        if self._fds:
+            fds.extend(self._fds)
+        bell = self.bus.carrier_fileno()
+        if bell is not None:
+            fds.append(bell)
+        return fds
+
+    def _on_fds(self, ready: list[int]) -> None:
+        carrier = self.bus.carrier_fileno()
+        for fd in ready:
+            if fd == carrier:
+                self.handle_events(self.bus.check_carrier())
+            elif fd in self._fds:
+                self._fds[fd]()
+            else:
+                for t in self.transports.values():
+                    if fd in t.device.poll_fds():
+                        t.on_fd_ready(fd)
 
     def _start_session(self) -> bool:
         """Run the handshake (first session, or after one ended).  False
@@ -340,37 +385,6 @@ class DeviceServer:
         self.claim.lost()
         self._overwritten = True
         self.handle_events(self.bus.end_session("overwritten", what))
-
-    def _wait_with_fds(self, fds: list[int], timeout: float | None) -> None:
-        """Sleep until the bus doorbell, a device fd or the carrier is ready."""
-        fifo = self.bus.fifo
-        carrier = self.bus.carrier_fileno()
-        sel = selectors.DefaultSelector()
-        try:
-            for fd in fds:
-                sel.register(fd, selectors.EVENT_READ)
-            has_bell = fifo.doorbell.can_wait
-            if has_bell:
-                if fifo.arm_wait():
-                    return
-                sel.register(fifo.doorbell.fileno(), selectors.EVENT_READ, "bell")
-            # Without a doorbell the FIFO must be polled: cap the sleep.
-            limit = timeout if has_bell else min(timeout if timeout is not None else 0.002, 0.002)
-            for key, _ in sel.select(limit):
-                if key.data == "bell":
-                    fifo.doorbell.drain()
-                elif key.fd == carrier:
-                    self.handle_events(self.bus.check_carrier())
-                elif key.fd in self._fds:
-                    self._fds[key.fd]()
-                else:
-                    for t in self.transports.values():
-                        if key.fd in t.device.poll_fds():
-                            t.on_fd_ready(key.fd)
-        finally:
-            if fifo.doorbell.can_wait:
-                fifo.disarm_wait()
-            sel.close()
 
     def ping(self) -> None:
         """Send a bus PING; its round trip lands in ``ping_rtts``."""

@@ -31,6 +31,7 @@ from vmsgamp.devices.console import (
     PORT_ADD, PORT_NAME, PORT_OPEN, PORT_READY, PORT_REMOVE, RESIZE, SIZE_ORDERS,
     VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE, VIRTIO_ID_CONSOLE, check_size_order, port_queues,
 )
+from vmsgamp.errors import VmsgampError
 
 __all__ = ["ConsoleClient", "ConsolePortStream", "ConsoleStreamWriter", "open_console_streams"]
 
@@ -363,22 +364,22 @@ class ConsoleClient:
             self.dev.notify(index)
 
     def _wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
-        """Service the queues and pump the bus until ``done()`` or timeout."""
+        """Service the queues and pump the bus until ``done()`` or timeout
+        (the driver's adaptive wait, watching every queue of the device)."""
         timeout = self.timeout if timeout is None else timeout
-        clock = self.dev.drv.bus.clock
-        deadline = clock() + timeout
-        while True:
+
+        def ready() -> bool:
             self._service()
-            if done():
-                return True
             if self.dev.removed:
                 raise BrokenPipeError(f"console device {self.dev.dev_num} was removed")
-            left = deadline - clock()
-            if left <= 0:
-                return False
-            # Short slices: a completion whose notification was suppressed is
-            # still found by the next _service().
-            self.dev.drv.pump(min(left, 0.02))
+            return done()
+
+        try:
+            return self.dev.wait_until(ready, None, timeout)
+        except VmsgampError:   # the bus's "device was removed"
+            if self.dev.removed:
+                raise BrokenPipeError(f"console device {self.dev.dev_num} was removed") from None
+            raise
 
     def poll(self) -> None:
         """Process completions and control messages now (non-blocking)."""

@@ -8,13 +8,14 @@ any monotonic origin) and the caller asks ``next_deadline()`` when to call
 """
 from __future__ import annotations
 
+import struct
 from collections import deque
 from typing import ClassVar, Union
 
 from vmsgamp.errors import LocalProtocolError, RemoteProtocolError
 
 from ._codec import ProfileLike, decode, encode_with, encoder_table, get_profile
-from ._constants import DEFAULT_MAX_MSG_SIZE, SLOT_SIZE
+from ._constants import DEFAULT_MAX_MSG_SIZE, SLOT_SIZE, TYPE_BUS, TYPE_RESPONSE, BusMsgId
 from ._events import (Counters, Event, NotificationReceived, PingReceived, RequestCancelled,
                       RequestReceived, RequestTimedOut, ResponseReceived)
 from ._messages import MESSAGE_CLASSES, REQUEST_CLASS, Message, PingRequest, PingResponse, replace_header
@@ -25,6 +26,14 @@ ChannelKey = Union[int, str]
 
 DEFAULT_REQUEST_TIMEOUT = 5.0  # Linux waits 100 s; a co-processor link that is silent for 5 s is dead
 _NEVER = float("inf")
+
+# answer_ping(): a PING request's header and data word, and its answer, per
+# profile (has_token): (in: dev_num, token?, msg_size, data; out: the same
+# with the response bit and msg_size = the fixed size).
+PING_ID = int(BusMsgId.PING)
+_PING_IN = {True: struct.Struct("<2xHHHI"), False: struct.Struct("<2xHHI")}
+_PING_OUT = {True: struct.Struct("<BBHHHI"), False: struct.Struct("<BBHHI")}
+_PING_REPLY_TYPE = TYPE_BUS | TYPE_RESPONSE
 
 
 class _Operation:
@@ -120,6 +129,8 @@ class Connection:
         self.counters = Counters()
         self._has_token = self.profile.has_token
         self._encoders = encoder_table(self.profile)
+        self._ping_in = (_PING_IN[self._has_token].unpack_from, _PING_IN[self._has_token].size)
+        self._ping_out = _PING_OUT[self._has_token].pack
         self._outbox: list[bytes] = []
         self._channels: dict[ChannelKey, _Channel] = {}
         self._incoming: dict[ChannelKey, deque[Message]] = {}
@@ -183,6 +194,32 @@ class Connection:
             counters.last_error = str(e)
             return []
         return self.receive_message(msg, now)
+
+    def answer_ping(self, data: bytes) -> bool:
+        """The hot path of a bus round trip: if ``data`` is a well-formed
+        PING request, put its answer in the outbox (exactly what
+        ``receive_bytes`` would send) and return True; the caller then skips
+        ``receive_bytes`` and no PingReceived event is made (the counters
+        say it).  False for anything else: pass it to ``receive_bytes``."""
+        unpack, size = self._ping_in
+        if len(data) < size or data[1] != PING_ID or data[0] & 3 != TYPE_BUS:
+            return False
+        if self._has_token:
+            dev_num, token, msg_size, word = unpack(data)
+            out = self._ping_out(_PING_REPLY_TYPE, PING_ID, dev_num, token, size, word)
+        else:
+            dev_num, msg_size, word = unpack(data)
+            out = self._ping_out(_PING_REPLY_TYPE, PING_ID, dev_num, size, word)
+        if msg_size < size or msg_size > self.max_rx_size or msg_size > len(data):
+            return False   # malformed: receive_bytes counts it
+        if self.pad_to is not None:
+            out += bytes(self.pad_to - size)
+        counters = self.counters
+        counters.rx_messages += 1
+        counters.pings_answered += 1
+        counters.tx_messages += 1
+        self._outbox.append(out)
+        return True
 
     def receive_message(self, msg: Message, now: float) -> list[Event]:
         """Same as receive_bytes for an already decoded message."""
