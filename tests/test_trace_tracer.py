@@ -112,3 +112,39 @@ def test_interface_name_drops_creation_options():
     assert interface_name("shm:bus#size=1M&offset=0x1000") == "shm:bus#offset=0x1000"
     assert interface_name("ivshmem:/tmp/s#wait_peer=0&peer=2") == "ivshmem:/tmp/s#peer=2"
     assert interface_name(None) == "region"
+
+
+def test_a_malformed_slot_is_in_the_capture_as_it_was_read(tmp_path):
+    """The bus drops a slot whose msg_size is impossible (counted as
+    rx_malformed); the capture still holds it, the whole slot as read, so the
+    capture and the counters agree."""
+    import threading
+
+    from vmsgamp._core.fifo import MsgFifo
+    from vmsgamp._core.region import Region
+    from vmsgamp.bus import AmpBus
+    from vmsgamp.protocol import DeviceConnection
+    from vmsgamp.testing.fifo_model import PyFifoPeer
+
+    region = Region.memfd(16384)
+    dev = MsgFifo(region, role="device", layout="b")
+    peer = PyFifoPeer(region.view(), role="driver", layout="b")
+    t = threading.Thread(target=peer.handshake)
+    t.start()
+    dev.start(5)
+    t.join()
+    path = tmp_path / "bad.pcapng"
+    ping = encode(PingRequest(data=7, token=1))
+    with Tracer(path, background=False) as tr:
+        bus = AmpBus(dev, DeviceConnection(), tracer=tr, trace_name="memfd:bad")
+        assert peer.send(ping)
+        peer.poke_slot_size(0, 0xFFFF)
+        assert peer.send(ping)
+        bus.poll(0.5)
+        c = bus.conn.counters
+        assert (c.rx_malformed, c.rx_messages) == (1, 1)
+        bus.close()
+    _, packets = read_capture(path)
+    got = _dir(packets, DIR_OUTBOUND)
+    assert len(got) == 2 and len(got[0]) == dev.slot_size and got[1] == ping
+    peer.release()

@@ -368,7 +368,11 @@ class AmpBus:
             try:
                 msgs = recv(batch)  # one C call and one copy per message
             except BadMessageSize as e:
-                # Counted by the FIFO; the protocol never saw it.
+                # Counted by the FIFO; the protocol never saw it.  A capture
+                # keeps the slot as it was read (the format's malformed record).
+                tap = self._tap
+                if tap is not None and e.data:
+                    tap.rx(e.data)
                 self._heard = self.clock()
                 self.conn.counters.rx_malformed += 1
                 self.conn.counters.last_error = str(e)
