@@ -143,7 +143,11 @@ def test_two_endpoints_and_a_passive_observer_see_the_same_messages(tmp_path, sh
         for got, want in ((pas_out, drv_out), (pas_in, drv_in)):
             it = iter(want)
             assert all(m in it for m in got)          # a subsequence: nothing invented
-    assert sum(ln.count("bus up") for ln in err.splitlines()) == 2
+    # Two sessions: each one followed ("bus up") or, on a busy machine, gone by
+    # between two looks and reported as such (one look, one timestamp, up to
+    # one record per direction; each session here is shorter than the ring).
+    unseen = len({ln.split()[0] for ln in printed.splitlines() if "a whole session went by" in ln})
+    assert sum(ln.count("bus up") for ln in err.splitlines()) + unseen == 2
     # decode --pcap prints the capture exactly as trace printed it live.
     assert vm("decode", "--pcap", str(pas_cap)).stdout == printed
     out = json.loads(vm("decode", "--pcap", str(pas_cap), "--json").stdout)   # one object
