@@ -70,6 +70,7 @@ cdef class FifoSession:
     cdef int _closed                    # close() was called (read without the GIL by waiters)
     cdef int _active                    # calls in progress that may touch the mapping
     cdef long long _size_polled_ns      # last fstat of the shared object (idle waits)
+    cdef long long _pause_ns            # next sleep of a start() wait (doubles up to a cap)
     cdef public uint16_t status_flags   # extension flags advertised from start() (VMAMP_STATUS_F_LOCKED)
 
     cdef int fstate                     # FSTATE_* (private)

@@ -84,6 +84,12 @@ _FSTATE_NAMES = {FSTATE_NEW: "new", FSTATE_RUNNING: "running",
 HEADERS = {"g2": (8, 6), "g1": (6, 4)}
 
 DEFAULT_SPIN_NS = 20000   # spin 20 us before sleeping: a busy peer answers well within it
+# start() waits for a peer that may take hours to come: look after 20 us,
+# then twice as late each time up to 4 ms (an idle device side then costs
+# about 1% of a CPU, and a peer that comes is seen within 4 ms).
+cdef enum:
+    PAUSE_MIN_NS = 20000
+    PAUSE_MAX_NS = 4000000
 
 
 cdef class FifoSession:
@@ -362,6 +368,7 @@ cdef class FifoSession:
     def _read_layout(self, long long deadline, timeout):
         """Driver side: wait for the device's layout, validate it, attach."""
         cdef char *base = self.region.ptr(self.offset, self.window)
+        self._pause_ns = PAUSE_MIN_NS
         while True:
             if vm_load16(base + VMAMP_OFF_MAGIC, VM_ACQUIRE) == VMAMP_LAYOUT_MAGIC:  # A0 <- R0
                 lay = read_layout_stable(self.region, self.offset)
@@ -393,6 +400,7 @@ cdef class FifoSession:
         # for it).  A device never goes RUN before we are READY, so RUN here
         # is always an earlier session.
         fresh = fresh or self.role == C_ROLE_DRIVER
+        self._pause_ns = PAUSE_MIN_NS
         while True:
             pm = vm_load16(self.peer_qh + VMAMP_QH_OFF_MAGIC, VM_ACQUIRE)
             st = vm_load16(self.peer_qh + VMAMP_QH_OFF_STATUS, VM_ACQUIRE)  # A3 <- peer R3
@@ -406,6 +414,7 @@ cdef class FifoSession:
         self.tx_idx = self.rx_idx = self.peer_cons_cache = self.peer_prod_cache = 0
         self._write_status(VMAMP_STATE_READY)
         # 4. wait while the peer is INIT.
+        self._pause_ns = PAUSE_MIN_NS
         while True:
             st = vm_load16(self.peer_qh + VMAMP_QH_OFF_STATUS, VM_ACQUIRE)  # A3 <- peer R3
             self._check_lost()
@@ -436,12 +445,15 @@ cdef class FifoSession:
         self._poll_size(now_ns())
         if self._closed:
             raise FifoClosedError("FIFO closed by another thread during start()")
-        if now_ns() >= deadline:
+        cdef long long now = now_ns()
+        if now >= deadline:
             if self.layout == C_LAYOUT_B and self.my_qh != NULL:
                 self._write_status(VMAMP_STATE_INIT)
             raise make_error()
+        cdef long long ns = min(self._pause_ns, deadline - now)
+        self._pause_ns = min(self._pause_ns * 2, PAUSE_MAX_NS)
         with nogil:
-            sleep_ns(1000000)
+            sleep_ns(ns)
         PyErr_CheckSignals()
 
     def rearm(self):
