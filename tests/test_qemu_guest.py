@@ -109,7 +109,7 @@ def save():
 try:
     from vmsgamp._core.addrspace import RegionAllocator
     from vmsgamp._core.fifo import MsgFifo
-    from vmsgamp.bus import AmpBus, AmpDriver
+    from vmsgamp.bus import AmpBus, AmpDriver, WaitPolicy, Waiter
     from vmsgamp.carriers import open_carrier
     from vmsgamp.bus.exercise import EXERCISES
     from vmsgamp.protocol import DriverConnection
@@ -145,13 +145,27 @@ try:
             r = EXERCISES[34](drv, info["dev_num"])
             result["i2c"] = {k: r[k] for k in ("written", "read_back", "match", "temperature_c")}
     # Pings with no spinning: every wait for an answer sleeps on the doorbell,
-    # so with an interrupt source each answer is an interrupt.
+    # so with an interrupt source each answer is an interrupt (the bus's
+    # adaptive wait would otherwise spin through the host's quick answers).
+    bus.waiter = Waiter(WaitPolicy(spin_us=0))
     fifo.spin_ns = 0
     sleeps0 = fifo.sleeps
     result["ping"] = drv.ping(20)
     result["ping_sleeps"] = fifo.sleeps - sleeps0
     result["bus"] = {k: v for k, v in bus.stats().items() if isinstance(v, (int, float, str))}
     db = carrier.doorbell
+    # The interrupt path on its own, without a race against a quick host: say
+    # we are waiting (the FIFO's WAITING flag) before each PING goes out, so
+    # the host rings us for its answer, then sleep on the doorbell itself.
+    from vmsgamp.protocol import PingRequest, encode
+    woke = 0
+    for i in range(5):
+        fifo.arm_wait()
+        assert fifo.try_send(encode(PingRequest(data=i, token=0xFF00 + i), profile="g2"))
+        woke += bool(db.wait(20))
+        fifo.disarm_wait()
+        assert fifo.recv_bytes(20), "no answer to a raw PING"
+    result["raw_ping_wakeups"] = woke
     result["doorbell_repr"] = repr(db)
     result["doorbell_counts"] = {k: getattr(db, k, None)
                                  for k in ("interrupts", "ring_count", "wakeup_count")}
@@ -188,8 +202,12 @@ def _serve(sock: str, devices: str) -> subprocess.Popen[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(Path(vmsgamp.__file__).resolve().parent.parent)] + [p for p in [env.get("PYTHONPATH")] if p])
+    # --spin-us 0: the host blocks on its doorbell after each message, so its
+    # answers come after a wake-up; a spinning host answers before the TCG
+    # guest has gone to sleep, and the guest's interrupt path (what these tests
+    # are for) would go unused.
     p = subprocess.Popen([sys.executable, "-m", "vmsgamp", "serve", "--region", f"ivshmem:{sock}",
-                          "--devices", devices, "--json"],
+                          "--devices", devices, "--json", "--spin-us", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                          start_new_session=True)
     ready, _, _ = select.select([p.stdout], [], [], 30)
