@@ -8,18 +8,19 @@ of ours (a bare MsgFifo: it writes the layout and its queue head, nothing
 else)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+from cli_support import run_vmsgamp, spawn
 
 from vmsgamp._core.addrspace import AddressSpace, RegionAllocator
 from vmsgamp._core.doorbell import EventfdDoorbell
@@ -264,14 +265,8 @@ def test_an_overwritten_layout_is_noticed_and_rewritten_once_quiet(caplog):
 
 # ---- the CLI ------------------------------------------------------------------------------------
 
-def _vm(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "vmsgamp", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def _spawn(*args):
-    return subprocess.Popen([sys.executable, "-m", "vmsgamp", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+_vm = functools.partial(run_vmsgamp, timeout=60)
+_spawn = spawn
 
 
 def _stop(p):

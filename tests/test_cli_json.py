@@ -18,18 +18,12 @@ import time
 import uuid
 
 import pytest
+from cli_support import run_vmsgamp, spawn
 
 from vmsgamp.cli import COMMANDS, build_parser, main
 
 
-def vm(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "vmsgamp", *args], capture_output=True, text=True,
-                          input=input, timeout=timeout)
-
-
-def spawn(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "vmsgamp", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+vm = run_vmsgamp
 
 
 def one_object(stdout: str) -> dict:

@@ -2,30 +2,20 @@
 a user runs them: separate processes over one shared-memory object."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 
 import pytest
+from cli_support import run_vmsgamp, spawn
 
 from vmsgamp.trace import DIR_INBOUND, DIR_OUTBOUND, read_capture
 
 
-def vm(*args, timeout=120, check=True):
-    p = subprocess.run([sys.executable, "-m", "vmsgamp", *args], capture_output=True, text=True,
-                       timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"vmsgamp {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
-    return p
-
-
-def spawn(*args):
-    return subprocess.Popen([sys.executable, "-m", "vmsgamp", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+vm = functools.partial(run_vmsgamp, timeout=120, check=True)
 
 
 def _stop(p, sig=signal.SIGTERM):
