@@ -263,6 +263,14 @@ class AmpBus:
         expired = self.conn.handle_timeout(now)
         if expired:
             events.extend(expired)
+        if self._ka_interval is None and now < self._live_next:
+            # The common case: nothing more to look at.  Only an expiry can
+            # have released a queued request into the outbox.
+            if expired:
+                ready = self.conn.data_to_send()
+                if ready:
+                    events.extend(self.transmit(ready))
+            return events
         out: list[bytes] = []
         if self._ka_interval is not None:
             events = self._keepalive(events)
@@ -274,6 +282,8 @@ class AmpBus:
             events.extend(self._liveness(out))
             if not self.up:
                 return events
+        elif self.liveness is None:
+            self._live_next = now + CARRIER_CHECK_S   # looked at again: it may be turned on
         ready = self.conn.data_to_send()
         if ready or out:
             events.extend(self.transmit(out + ready if out else ready))
@@ -362,8 +372,9 @@ class AmpBus:
 
     def _drain(self) -> list[Event]:
         events: list[Event] = []
-        recv = self.fifo.recv_many
-        batch = self.fifo.num_slots   # a peer that keeps sending cannot hold us here
+        fifo = self.fifo
+        recv = fifo.recv_many
+        batch = fifo.num_slots   # a peer that keeps sending cannot hold us here
         while True:
             try:
                 msgs = recv(batch)  # one C call and one copy per message
@@ -386,11 +397,21 @@ class AmpBus:
                 if tap is not None:
                     tap.rx(data)
                 if data[1] == _PING_ID:
-                    if data[0] & 1:     # a PING answer: ours, or a liveness probe's
+                    if data[0] & 1:     # a PING answer: a liveness probe's, or ours
                         if self._probes and self._is_probe_answer(data):
                             continue
-                    elif conn.answer_ping(data):   # the protocol answers a PING from its bytes
-                        continue
+                        if conn.ping_response(data, now):
+                            continue
+                    else:   # the protocol answers a PING from its bytes
+                        answer = conn.ping_answer(data)
+                        if answer is not None:
+                            # Straight back (the peer is timing it), unless
+                            # answers are already waiting in the outbox.
+                            if conn.has_output() or not fifo.try_send(answer):
+                                conn.queue_output(answer)
+                            elif tap is not None:
+                                tap.tx(answer)
+                            continue
                 events.extend(conn.receive_bytes(data, now))
 
     def peer_lost(self, e: PeerStateError | FifoBrokenError) -> list[Event]:

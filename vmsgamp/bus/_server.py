@@ -294,9 +294,9 @@ class DeviceServer:
                 if waiting or now >= self._fds_next:
                     # Host fds: watched by the wait when the loop sleeps, and
                     # looked at now and then while the bus keeps it busy.
+                    self._fds_next = now + FD_CHECK_S
                     fds = self._watched_fds()
                     if fds:
-                        self._fds_next = now + FD_CHECK_S
                         if waiting:
                             ready = bus.waiter.wait(bus.fifo, timeout, fds, cap=bus._wait_limit,
                                                      arm=bus.before_sleep)

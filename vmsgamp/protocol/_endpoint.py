@@ -27,13 +27,15 @@ ChannelKey = Union[int, str]
 DEFAULT_REQUEST_TIMEOUT = 5.0  # Linux waits 100 s; a co-processor link that is silent for 5 s is dead
 _NEVER = float("inf")
 
-# answer_ping(): a PING request's header and data word, and its answer, per
-# profile (has_token): (in: dev_num, token?, msg_size, data; out: the same
-# with the response bit and msg_size = the fixed size).
+# The PING fast paths (answer_ping, start_ping, ping_response) work on the
+# bytes, without message objects: a PING's header and data word, per profile
+# (has_token), read as (dev_num, token?, msg_size, data) and written as
+# (type, msg_id, dev_num, token?, msg_size, data) plus the slot padding.
 PING_ID = int(BusMsgId.PING)
-_PING_IN = {True: struct.Struct("<2xHHHI"), False: struct.Struct("<2xHHI")}
-_PING_OUT = {True: struct.Struct("<BBHHHI"), False: struct.Struct("<BBHHI")}
+_PING_IN = {True: "<2xHHHI", False: "<2xHHI"}
+_PING_OUT = {True: "<BBHHHI", False: "<BBHHI"}
 _PING_REPLY_TYPE = TYPE_BUS | TYPE_RESPONSE
+_PING_REQUEST_TYPE = TYPE_BUS
 
 
 class _Operation:
@@ -71,6 +73,47 @@ class _Pending:
         self.timeout = timeout
         self.op = op
         self.deadline = 0.0
+
+
+class _PingInFlight(_Operation):
+    """The PING of ``start_ping()`` while it waits: at once the pending
+    request (what a ``_Pending`` holds) and its operation.  There is one
+    per connection, reused: it is only ever in flight, never queued, so a
+    latency probe allocates nothing but its bytes.  The PingRequest is made
+    only if something asks for it (a timeout or cancel event, the generic
+    response path).  Whichever path takes the answer, the connection's
+    ``ping_pending`` / ``ping_result`` say how it ended."""
+
+    name = "PING"
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.op = self
+        self.token = 0
+        self.data = 0
+        self.wire = b""
+        self.timeout = 0.0
+        self.deadline = 0.0
+        self._request: Message | None = None
+
+    @property
+    def request(self) -> Message:
+        if self._request is None:
+            self._request = PingRequest._make(0, self.token, 0, self.data)  # type: ignore[attr-defined]
+        return self._request
+
+    def on_response(self, request: Message, response: Message) -> tuple[Message | None, list[Event]]:
+        self.conn._ping_waiting = False
+        self.conn.ping_result = response.data  # type: ignore[attr-defined]
+        return None, []
+
+    def on_timeout(self, request: Message) -> list[Event]:
+        self.conn._ping_waiting = False
+        return [RequestTimedOut(request)]
+
+    def on_cancel(self, request: Message) -> list[Event]:
+        self.conn._ping_waiting = False
+        return [RequestCancelled(request)]
 
 
 class _Channel:
@@ -129,8 +172,15 @@ class Connection:
         self.counters = Counters()
         self._has_token = self.profile.has_token
         self._encoders = encoder_table(self.profile)
-        self._ping_in = (_PING_IN[self._has_token].unpack_from, _PING_IN[self._has_token].size)
-        self._ping_out = _PING_OUT[self._has_token].pack
+        ping_in = struct.Struct(_PING_IN[self._has_token])
+        self._ping_in = ping_in.unpack_from
+        self._ping_size = ping_in.size
+        # The padding is packed with the fields: one call makes the whole slot.
+        pad = (pad_to - ping_in.size) if pad_to is not None and pad_to > ping_in.size else 0
+        self._ping_out = struct.Struct(_PING_OUT[self._has_token] + (f"{pad}x" if pad else "")).pack
+        self._ping = _PingInFlight(self)
+        self._ping_waiting = False
+        self.ping_result: int | None = None
         self._outbox: list[bytes] = []
         self._channels: dict[ChannelKey, _Channel] = {}
         self._incoming: dict[ChannelKey, deque[Message]] = {}
@@ -181,6 +231,15 @@ class Connection:
         out, self._outbox = self._outbox, []
         return out
 
+    def has_output(self) -> bool:
+        """Something waits in the outbox (``data_to_send()`` would return it)."""
+        return bool(self._outbox)
+
+    def queue_output(self, data: bytes) -> None:
+        """Put bytes made by a fast path (``ping_answer``) back in the
+        outbox, behind what is there: the caller could not send them now."""
+        self._outbox.append(data)
+
     def receive_bytes(self, data: bytes | bytearray | memoryview, now: float) -> list[Event]:
         """Process one received message.  Malformed, misdirected and
         unsolicited messages are counted and dropped; never raises a remote
@@ -201,24 +260,109 @@ class Connection:
         ``receive_bytes`` would send) and return True; the caller then skips
         ``receive_bytes`` and no PingReceived event is made (the counters
         say it).  False for anything else: pass it to ``receive_bytes``."""
-        unpack, size = self._ping_in
-        if len(data) < size or data[1] != PING_ID or data[0] & 3 != TYPE_BUS:
+        out = self.ping_answer(data)
+        if out is None:
             return False
+        self._outbox.append(out)
+        return True
+
+    def ping_answer(self, data: bytes) -> bytes | None:
+        """``answer_ping`` without the outbox: the answer's bytes (counted
+        as sent), for a caller that transmits them at once; None if
+        ``data`` is not a well-formed PING request."""
+        size = self._ping_size
+        if len(data) < size or data[1] != PING_ID or data[0] & 3 != TYPE_BUS:
+            return None
         if self._has_token:
-            dev_num, token, msg_size, word = unpack(data)
+            dev_num, token, msg_size, word = self._ping_in(data)
+            if msg_size < size or msg_size > self.max_rx_size or msg_size > len(data):
+                return None   # malformed: receive_bytes counts it
             out = self._ping_out(_PING_REPLY_TYPE, PING_ID, dev_num, token, size, word)
         else:
-            dev_num, msg_size, word = unpack(data)
+            dev_num, msg_size, word = self._ping_in(data)
+            if msg_size < size or msg_size > self.max_rx_size or msg_size > len(data):
+                return None
             out = self._ping_out(_PING_REPLY_TYPE, PING_ID, dev_num, size, word)
-        if msg_size < size or msg_size > self.max_rx_size or msg_size > len(data):
-            return False   # malformed: receive_bytes counts it
-        if self.pad_to is not None:
-            out += bytes(self.pad_to - size)
         counters = self.counters
         counters.rx_messages += 1
         counters.pings_answered += 1
         counters.tx_messages += 1
-        self._outbox.append(out)
+        return out
+
+    # PING as a latency probe: the request goes out and its answer comes back
+    # without message objects or events (a bus round trip then costs what
+    # the link costs, not what the generic request machinery costs).
+    def start_ping(self, data: int, now: float, *, timeout: float | None = None) -> list[bytes] | None:
+        """Put a PING with ``data`` in flight on the bus channel, as
+        ``send(PingRequest(data=data))`` would, and return what is ready to
+        go; None (nothing done) while the bus channel is busy: use ``send()``.
+        The answer is taken by ``ping_response()`` (or ``receive_bytes()``)
+        without an event: ``ping_pending`` turns False and ``ping_result``
+        holds the echoed data word; a timeout or a reset reports
+        RequestTimedOut / RequestCancelled of the PingRequest as usual and
+        leaves ``ping_result`` None."""
+        ch = self._channels.get(BUS)
+        if ch is None:
+            ch = self._channels[BUS] = _Channel()
+        elif ch.in_flight is not None or ch.queue:
+            return None
+        if not 0 <= data <= 0xFFFFFFFF:
+            raise LocalProtocolError(f"PING data {data} does not fit 32 bits")
+        ping = self._ping
+        if self._has_token:
+            self._last_token = token = self._last_token % 0xFFFF + 1
+            ping.wire = wire = self._ping_out(_PING_REQUEST_TYPE, PING_ID, 0, token, self._ping_size, data)
+        else:
+            token = 0
+            ping.wire = wire = self._ping_out(_PING_REQUEST_TYPE, PING_ID, 0, self._ping_size, data)
+        ping.token = token
+        ping.data = data
+        ping._request = None
+        ping.timeout = self.request_timeout if timeout is None else timeout
+        ping.deadline = deadline = now + ping.timeout
+        if deadline < self._deadline_hint:
+            self._deadline_hint = deadline
+        ch.in_flight = ping  # type: ignore[assignment]  # duck-types _Pending
+        self._ping_waiting = True
+        self.ping_result = None
+        self.counters.tx_messages += 1
+        out = self._outbox
+        if out:
+            out.append(wire)
+            self._outbox = []
+            return out
+        return [wire]
+
+    @property
+    def ping_pending(self) -> bool:
+        """A PING of ``start_ping()`` is waiting for its answer."""
+        return self._ping_waiting
+
+    def ping_response(self, data: bytes, now: float) -> bool:
+        """True if ``data`` answers the PING of ``start_ping()`` in flight
+        (taken: no event; see ``ping_result``).  False for anything else,
+        which goes to ``receive_bytes()`` (that also takes a PING answer
+        the fast check leaves to it: another token, odd sizes)."""
+        size = self._ping_size
+        if not self._ping_waiting or len(data) < size or data[0] & 3 != _PING_REPLY_TYPE or data[1] != PING_ID:
+            return False
+        if self._has_token:
+            dev_num, token, msg_size, word = self._ping_in(data)
+            if token != self._ping.token:
+                return False
+        else:
+            dev_num, msg_size, word = self._ping_in(data)
+        if msg_size < size or msg_size > self.max_rx_size or msg_size > len(data):
+            return False
+        ch = self._channels.get(BUS)
+        if ch is None or ch.in_flight is not self._ping:
+            return False
+        ch.in_flight = None
+        self._ping_waiting = False
+        self.ping_result = word
+        self.counters.rx_messages += 1
+        if ch.queue:
+            self._start_next(BUS, now)
         return True
 
     def receive_message(self, msg: Message, now: float) -> list[Event]:
