@@ -39,7 +39,8 @@ from vmsgamp._core.fifo import MsgFifo
 from vmsgamp.bus._wait import WaitPolicy, Waiter
 from vmsgamp.errors import BadMessageSize, FifoBrokenError, PeerStateError, VmsgampError
 from vmsgamp.protocol import (
-    BusMsgId, Connection, Event, Message, PingRequest, RequestTimedOut, ResponseReceived, encode,
+    BusMsgId, Connection, Event, Message, PingRequest, RequestTimedOut, ResponseReceived, TransportMsgId,
+    encode,
 )
 
 log = logging.getLogger("vmsgamp.bus")
@@ -51,6 +52,7 @@ _PROBE_DATA = 0x7E000000    # liveness probe PINGs: data = _PROBE_DATA | seq (24
 _PROBE_TOKEN = 0x7E7E       # their token (any non-zero value; answers echo it)
 _PING = struct.Struct("<I")
 _PING_ID = int(BusMsgId.PING)
+_EVENT_AVAIL_ID = int(TransportMsgId.EVENT_AVAIL)
 _LIVENESS_LOOKS = 12        # the liveness rule is applied this often per liveness period
 
 
@@ -95,6 +97,11 @@ class AmpBus:
         # Looked at between idle sleeps on a carrier without a doorbell (the
         # rings a waiter watches): True = work is ready, stop sleeping.
         self.while_asleep: Callable[[], bool] | None = None
+        # EVENT_AVAIL fast path (a device side's kick handler): called with
+        # (dev_num, vq_index) for a well-formed EVENT_AVAIL that no earlier
+        # message of the same wake-up is still waiting before (order kept);
+        # every other message becomes an event as usual.
+        self.on_event_avail: Callable[[int, int], None] | None = None
         # keepalive: PING every `interval` s; `misses` unanswered in a row = peer dead
         self._ka_interval: float | None = None
         self._ka_misses = 3
@@ -393,10 +400,16 @@ class AmpBus:
             now = self._heard = self.clock()
             conn = self.conn
             tap = self._tap
+            kick = self.on_event_avail
             for data in msgs:
                 if tap is not None:
                     tap.rx(data)
-                if data[1] == _PING_ID:
+                if data[1] == _EVENT_AVAIL_ID and kick is not None and not events:
+                    where = conn.event_avail(data)   # type: ignore[attr-defined]  # a DeviceConnection's
+                    if where is not None:
+                        kick(where[0], where[1])
+                        continue
+                elif data[1] == _PING_ID:
                     if data[0] & 1:     # a PING answer: a liveness probe's, or ours
                         if self._probes and self._is_probe_answer(data):
                             continue

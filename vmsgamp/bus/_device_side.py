@@ -34,6 +34,10 @@ from vmsgamp.protocol import (
 log = logging.getLogger("vmsgamp.device")
 
 S = DeviceStatus
+# Plain ints for the per-kick status tests (IntFlag arithmetic costs a
+# Python-level call per operator).
+_DRIVER_OK = int(S.DRIVER_OK)
+_NOT_SERVING = int(S.DEVICE_NEEDS_RESET)
 MAX_DEVICES = 32  # Linux and QEMU both use a 32-device window
 
 
@@ -200,7 +204,8 @@ class DeviceTransport:
         """EVENT_AVAIL from the driver.  Returns True when chains are still
         waiting (the server calls again on its next step)."""
         self.stats["kicks"] += 1
-        if not self.status & S.DRIVER_OK or self.status & S.DEVICE_NEEDS_RESET:
+        status = int(self.status)
+        if not status & _DRIVER_OK or status & _NOT_SERVING:
             # As QEMU does: tell a driver that kicks too early what the status is.
             self._send(EventConfig(dev_num=self.dev_num, device_status=self.status,
                                    generation=self.device.config_generation))
@@ -222,7 +227,7 @@ class DeviceTransport:
     def device_notify(self, vq_index: int) -> None:
         """The model added used buffers on its own (input arrived, IRQ)."""
         q = self.queues.get(vq_index)
-        if q is not None and self.status & S.DRIVER_OK:
+        if q is not None and int(self.status) & _DRIVER_OK:
             self._after_service(vq_index, needs_notification(q))
 
     def on_fd_ready(self, fd: int) -> None:

@@ -21,7 +21,7 @@ from vmsgamp.bus._wait import SPIN_SLICE_S
 from vmsgamp.errors import FifoBrokenError, PeerStateError, VmsgampError
 from vmsgamp.protocol import (
     VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_RING_PACKED, VIRTIO_F_VERSION_1, ConfigRead,
-    DeviceBusState, DeviceStatus, DriverConnection, Event, EventAvail, EventConfig, EventDevice,
+    DeviceBusState, DeviceStatus, DriverConnection, Event, EventConfig, EventDevice,
     EventUsed, FeaturesRead, FeaturesWritten, GetDeviceInfoRequest, GetDeviceInfoResponse,
     GetDevicesRequest, GetDevicesResponse, GetVqueueRequest, Message, NotificationReceived,
     OperationFailed, PingRequest, RequestCancelled, RequestTimedOut, ResetVqueueRequest,
@@ -340,7 +340,6 @@ class DriverDevice:
         self.config_events = 0
         self.config_generation = 0
         self.removed = False
-        self._kicks: list[EventAvail] = []   # one immutable EVENT_AVAIL per queue
 
     @property
     def packed(self) -> bool:
@@ -393,7 +392,6 @@ class DriverDevice:
                                        driver_addr=q.driver_addr, device_addr=q.device_addr))
             self.queues.append(q)
             self.used_events.append(0)
-            self._kicks.append(EventAvail(dev_num=self.dev_num, vq_index=i))
         st = self._set_status(S.ACKNOWLEDGE | S.DRIVER | S.FEATURES_OK | S.DRIVER_OK)
         if st & S.DEVICE_NEEDS_RESET or not st & S.DRIVER_OK:
             raise DriverError(f"device {self.dev_num} did not accept DRIVER_OK (status {st:#x})")
@@ -409,11 +407,10 @@ class DriverDevice:
         """EVENT_AVAIL for queue ``index`` if the device wants a kick."""
         q = self.queues[index]
         if q.kick_prepare():
-            kicks = self._kicks   # queues set up without open() (tests' fake kernels) have none cached
-            kick = kicks[index] if index < len(kicks) else EventAvail(dev_num=self.dev_num, vq_index=index)
-            lost = self.drv.bus.send(kick)
+            drv = self.drv
+            lost = drv.bus.transmit(drv.conn.notify(self.dev_num, index, 0.0))
             if lost:
-                self.drv.dispatch(lost)
+                drv.dispatch(lost)
             return True
         return False
 
@@ -545,7 +542,6 @@ class DriverDevice:
         for q in self.queues:
             self.drv._quiet.pop(id(q), None)
         self.queues = []
-        self._kicks = []
         self.drv.devices.pop(self.dev_num, None)
 
 

@@ -88,6 +88,7 @@ class DeviceServer:
         items = devices.items() if isinstance(devices, dict) else enumerate(devices)
         for num, dev in items:
             self._attach(num, dev)
+        bus.on_event_avail = self._on_event_avail
         self.claim: DeviceSideClaim | None = None
         if claim:
             self.claim = DeviceSideClaim(bus.fifo, observe=observe, takeover=takeover)
@@ -246,6 +247,16 @@ class DeviceServer:
                 log.exception("no fallback answer for %r either: left unanswered", msg)
                 self.conn.ignore(msg)
 
+    def _on_event_avail(self, dev_num: int, vq_index: int) -> None:
+        """An EVENT_AVAIL taken by the bus's fast path (no event made): the
+        kick is served at once, under the same last-resort guard as events."""
+        try:
+            self._kick(dev_num, vq_index)
+        except (BusError, SharedObjectLost):
+            raise
+        except Exception as e:
+            self._dispatch_failed(NotificationReceived(EventAvail(dev_num=dev_num, vq_index=vq_index)), e)
+
     def _kick(self, dev_num: int, vq_index: int) -> None:
         t = self.transports.get(dev_num)
         if t is not None and t.on_avail(vq_index):
@@ -372,7 +383,10 @@ class DeviceServer:
 
     def _verify_window(self) -> None:
         """Has someone overwritten our layout or queue head?"""
-        if self.claim is None or not self.bus.up or self.bus.clock() < self._verify_next:
+        if self.claim is None:
+            self._verify_next = float("inf")   # nothing to verify, ever
+            return
+        if not self.bus.up or self.bus.clock() < self._verify_next:
             return
         self._verify_next = self.bus.clock() + VERIFY_EVERY_S
         what = self.claim.verify()

@@ -47,6 +47,9 @@ class Serviced:
 
 
 IDLE = Serviced()
+# The outcomes without a broken queue, made once: a kick allocates none.
+_OUTCOMES = {(notify, more): Serviced(notify=notify, more=more) for notify in (False, True)
+             for more in (False, True)}
 
 
 def service_queue(device: Any, index: int, queue: Any, *, max_rounds: int = MAX_ROUNDS) -> Serviced:
@@ -70,15 +73,18 @@ def service_queue(device: Any, index: int, queue: Any, *, max_rounds: int = MAX_
         queue.mark_broken(reason)
         return Serviced(broken=reason)
     if not used:
-        return Serviced(more=more)
-    done = needs_notification(queue)
-    return Serviced(notify=done.notify, more=more, broken=done.broken)
+        return _OUTCOMES[False, more]
+    try:
+        notify = bool(queue.needs_notification())
+    except QueueBrokenError as e:
+        return Serviced(broken=e.reason)
+    return _OUTCOMES[notify, more]
 
 
 def needs_notification(queue: Any) -> Serviced:
     """Whether the driver wants a used-buffer notification now (after the
     model added used buffers on its own, or at the end of a service call)."""
     try:
-        return Serviced(notify=bool(queue.needs_notification()))
+        return _OUTCOMES[bool(queue.needs_notification()), False]
     except QueueBrokenError as e:
         return Serviced(broken=e.reason)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ._constants import DeviceBusState
+from ._constants import DeviceBusState, TransportMsgId
 from ._endpoint import BUS, Connection
 from ._messages import (EventAvail, EventConfig, EventDevice, EventUsed, GetDevicesRequest,
                         GetDevicesResponse, Message, PingRequest, PingResponse)
 
 __all__ = ["DeviceConnection", "get_devices_window"]
+
+_EVENT_AVAIL_ID = int(TransportMsgId.EVENT_AVAIL)
 
 
 class DeviceConnection(Connection):
@@ -35,6 +37,22 @@ class DeviceConnection(Connection):
             # GET_DEVICES and PING requests, and the answer to our own PING.
             return issubclass(mcls, (GetDevicesRequest, PingRequest, PingResponse))
         return mcls.is_request() or issubclass(mcls, EventAvail)
+
+    def event_avail(self, data: bytes) -> tuple[int, int] | None:
+        """The hot path of a virtqueue kick: if ``data`` is a well-formed
+        EVENT_AVAIL, count it as received and return ``(dev_num, vq_index)``
+        (what ``receive_bytes`` would report in a NotificationReceived); the
+        caller then skips ``receive_bytes``.  None for anything else: pass
+        it to ``receive_bytes``."""
+        size = self._ping_size + 4   # vq_index, next_offset_wrap
+        if len(data) < size or data[1] != _EVENT_AVAIL_ID or data[0] & 3:
+            return None
+        fields = self._ping_in(data)   # an EVENT_AVAIL starts as a PING does: header, then a u32
+        msg_size = fields[-2]
+        if msg_size < size or msg_size > self.max_rx_size or msg_size > len(data):
+            return None   # malformed: receive_bytes counts it
+        self.counters.rx_messages += 1
+        return fields[0], fields[-1]
 
     # -- answering ---------------------------------------------------------------
     def respond(self, request: Message, response: Message) -> list[bytes]:

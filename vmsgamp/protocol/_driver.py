@@ -50,6 +50,7 @@ class DriverConnection(Connection):
             raise LocalProtocolError(f"max_msg_size {self.max_msg_size} leaves no room for config data")
         self.max_feature_blocks = (self.max_msg_size - self.profile.header_size - _FEATURES_OVERHEAD) // 4
         self._status: dict[int, int] = {}
+        self._kick_wires: dict[tuple[int, int], bytes] = {}   # notify(): EVENT_AVAIL bytes per queue
 
     @classmethod
     def for_qemu(cls, *, profile: ProfileLike = "g2", request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
@@ -84,8 +85,23 @@ class DriverConnection(Connection):
         return self.send(PingRequest(data=data), now, timeout=timeout)
 
     def notify(self, dev_num: int, vq_index: int, now: float, next_offset_wrap: int = 0) -> list[bytes]:
-        """EVENT_AVAIL (token 0, no response)."""
-        return self.send(EventAvail(dev_num=dev_num, vq_index=vq_index, next_offset_wrap=next_offset_wrap), now)
+        """EVENT_AVAIL (token 0, no response).  The bytes of a plain kick
+        (no ``next_offset_wrap``) are made once per queue: a kick is the
+        most frequent message a driver sends."""
+        if next_offset_wrap:
+            return self.send(EventAvail(dev_num=dev_num, vq_index=vq_index,
+                                        next_offset_wrap=next_offset_wrap), now)
+        key = (dev_num, vq_index)
+        wire = self._kick_wires.get(key)
+        if wire is None:
+            wire = self._kick_wires[key] = self._encode(EventAvail(dev_num=dev_num, vq_index=vq_index))
+        self.counters.tx_messages += 1
+        out = self._outbox
+        if out:
+            out.append(wire)
+            self._outbox = []
+            return out
+        return [wire]
 
     def set_status(self, dev_num: int, status: int, now: float, *, timeout: float | None = None) -> list[bytes]:
         """SET_DEVICE_STATUS after checking the write against the status rules

@@ -1,7 +1,9 @@
-"""The PING fast paths (start_ping / ping_response / ping_answer) against
-the generic machinery as the oracle: the same bytes on the wire, the same
-counters, the same events on timeout and reset, and every answer the fast
-check refuses still taken by receive_bytes."""
+"""The connections' fast paths (PING: start_ping / ping_response /
+ping_answer; kicks: DriverConnection.notify's cached bytes and
+DeviceConnection.event_avail) against the generic machinery as the oracle:
+the same bytes on the wire, the same counters, the same events on timeout
+and reset, and every message the fast check refuses still taken by
+receive_bytes."""
 from __future__ import annotations
 
 import struct
@@ -11,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 
 from vmsgamp.errors import LocalProtocolError
-from vmsgamp.protocol import (DeviceConnection, DriverConnection, GetDevicesRequest, PingRequest,
-                              PingResponse, RequestCancelled, RequestTimedOut, ResponseReceived, decode,
-                              encode)
+from vmsgamp.protocol import (DeviceConnection, DriverConnection, EventAvail, GetDevicesRequest,
+                              NotificationReceived, PingRequest, PingResponse, RequestCancelled,
+                              RequestTimedOut, ResponseReceived, decode, encode)
 
 PROFILES = ("g2", "g1")
 
@@ -136,3 +138,43 @@ def test_a_generic_ping_is_not_taken_by_the_fast_check() -> None:
 def test_ping_data_must_fit() -> None:
     with pytest.raises(LocalProtocolError):
         DriverConnection().start_ping(1 << 32, 0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(profile=st.sampled_from(PROFILES), pad_to=st.sampled_from([None, 64]),
+       dev_num=st.integers(0, 0xFFFF), vq=st.integers(0, 0xFFFFFFFF))
+def test_notify_sends_the_bytes_send_would(profile: str, pad_to: int | None, dev_num: int, vq: int) -> None:
+    fast, generic = DriverConnection(profile=profile, pad_to=pad_to), DriverConnection(profile=profile, pad_to=pad_to)
+    for _ in range(2):   # made once, then from the cache
+        assert fast.notify(dev_num, vq, 0.0) == generic.send(EventAvail(dev_num=dev_num, vq_index=vq), 0.0)
+    assert fast.notify(dev_num, vq, 0.0, next_offset_wrap=5) == generic.send(
+        EventAvail(dev_num=dev_num, vq_index=vq, next_offset_wrap=5), 0.0)
+    assert fast.counters == generic.counters
+
+
+@settings(max_examples=60, deadline=None)
+@given(profile=st.sampled_from(PROFILES), pad_to=st.sampled_from([None, 64]),
+       dev_num=st.integers(0, 0xFFFF), vq=st.integers(0, 0xFFFFFFFF), wrap=st.integers(0, 0xFFFFFFFF))
+def test_event_avail_reports_what_receive_bytes_reports(profile: str, pad_to: int | None, dev_num: int,
+                                                        vq: int, wrap: int) -> None:
+    wire = encode(EventAvail(dev_num=dev_num, vq_index=vq, next_offset_wrap=wrap), profile=profile, pad_to=pad_to)
+    fast, generic = DeviceConnection(profile=profile), DeviceConnection(profile=profile)
+    (ev,) = generic.receive_bytes(wire, 0.0)
+    assert isinstance(ev, NotificationReceived)
+    assert fast.event_avail(wire) == (ev.message.dev_num, ev.message.vq_index)
+    assert fast.counters == generic.counters
+
+
+@pytest.mark.parametrize("bad", [
+    b"",
+    struct.pack("<BBHHHII", 0, 0x41, 0, 0, 40, 1, 0),          # msg_size past the bytes given
+    struct.pack("<BBHHHI", 0, 0x41, 0, 0, 12, 1),              # cut short: no next_offset_wrap
+    struct.pack("<BBHHHII", 0, 0x41, 0, 0, 12, 1, 0),          # msg_size below an EVENT_AVAIL's
+    struct.pack("<BBHHHII", 1, 0x41, 0, 0, 16, 1, 0),          # flagged as a response
+    struct.pack("<BBHHHII", 2, 0x41, 0, 0, 16, 1, 0),          # a bus message
+    struct.pack("<BBHHHII", 0, 0x42, 0, 0, 16, 1, 0),          # EVENT_USED
+])
+def test_event_avail_refuses_what_is_not_a_well_formed_kick(bad: bytes) -> None:
+    dev = DeviceConnection()
+    assert dev.event_avail(bad) is None
+    assert dev.counters.rx_messages == 0
