@@ -54,6 +54,9 @@ _PING = struct.Struct("<I")
 _PING_ID = int(BusMsgId.PING)
 _EVENT_AVAIL_ID = int(TransportMsgId.EVENT_AVAIL)
 _LIVENESS_LOOKS = 12        # the liveness rule is applied this often per liveness period
+LINGER_S = 20e-6            # after a fast-path exchange, wait this long for the peer's next message
+LINGER_MAX_S = 50e-6        # at most this long in all per drain: housekeeping is not put off for long
+_SPIN_ALWAYS_NS = 1 << 62   # FIFO spin setting: spin for the whole (short) wait
 
 
 class BusError(VmsgampError):
@@ -100,8 +103,10 @@ class AmpBus:
         # EVENT_AVAIL fast path (a device side's kick handler): called with
         # (dev_num, vq_index) for a well-formed EVENT_AVAIL that no earlier
         # message of the same wake-up is still waiting before (order kept);
-        # every other message becomes an event as usual.
-        self.on_event_avail: Callable[[int, int], None] | None = None
+        # every other message becomes an event as usual.  It returns True
+        # when it left nothing for its loop to do (what it sends is sent):
+        # the drain may then linger for the next message (see _drain).
+        self.on_event_avail: Callable[[int, int], bool] | None = None
         # keepalive: PING every `interval` s; `misses` unanswered in a row = peer dead
         self._ka_interval: float | None = None
         self._ka_misses = 3
@@ -378,10 +383,20 @@ class AmpBus:
         return kept
 
     def _drain(self) -> list[Event]:
+        """Everything the FIFO holds, through the fast paths or as events.
+
+        After a fast-path exchange (a PING answered, a kick served) with
+        nothing left for the caller, the drain lingers up to ``LINGER_S``
+        (in all at most ``LINGER_MAX_S``, and only while the wait policy
+        spins) for the peer's next message: a peer in a tight loop then
+        meets a loop already watching the FIFO instead of one on its way
+        back through its housekeeping."""
         events: list[Event] = []
         fifo = self.fifo
         recv = fifo.recv_many
-        batch = fifo.num_slots   # a peer that keeps sending cannot hold us here
+        batch = fifo.num_slots
+        served = False        # a fast-path exchange happened since the last look
+        until = 0.0           # end of the lingering, once it starts
         while True:
             try:
                 msgs = recv(batch)  # one C call and one copy per message
@@ -396,7 +411,20 @@ class AmpBus:
                 self.conn.counters.last_error = str(e)
                 continue
             if not msgs:
-                return events
+                if not served or events or not self.up or self.conn.has_output():
+                    return events
+                served = False
+                now = self.clock()
+                if not until:
+                    policy = self.waiter.policy
+                    if not (policy.busy_poll or policy.spin_us > 0):
+                        return events
+                    until = now + LINGER_MAX_S
+                left = until - now
+                fifo.spin_ns = _SPIN_ALWAYS_NS
+                if left <= 0 or not fifo.wait_readable(left if left < LINGER_S else LINGER_S):
+                    return events
+                continue
             now = self._heard = self.clock()
             conn = self.conn
             tap = self._tap
@@ -407,7 +435,9 @@ class AmpBus:
                 if data[1] == _EVENT_AVAIL_ID and kick is not None and not events:
                     where = conn.event_avail(data)   # type: ignore[attr-defined]  # a DeviceConnection's
                     if where is not None:
-                        kick(where[0], where[1])
+                        served = kick(where[0], where[1])
+                        if not self.up:   # what it sent ended the session: the rest was the old one's
+                            return events
                         continue
                 elif data[1] == _PING_ID:
                     if data[0] & 1:     # a PING answer: a liveness probe's, or ours
@@ -424,6 +454,7 @@ class AmpBus:
                                 conn.queue_output(answer)
                             elif tap is not None:
                                 tap.tx(answer)
+                            served = True
                             continue
                 events.extend(conn.receive_bytes(data, now))
 

@@ -83,6 +83,7 @@ class DeviceServer:
         self.recoveries = 0              # sessions started again after one ended
         self._verify_next = 0.0
         self._fds_next = 0.0             # next look at the host fds while busy
+        self._fds_cache: list[int] = []  # the host fds as last looked at
         self._overwritten = False        # wait until the window is free before writing it
         self._closed = False
         items = devices.items() if isinstance(devices, dict) else enumerate(devices)
@@ -105,6 +106,7 @@ class DeviceServer:
         t = DeviceTransport(dev_num, device, self.aspace, send=self._queue_event,
                             max_msg_size=self.conn.max_msg_size, **self.opts)
         self.transports[dev_num] = t
+        self._fds_next = 0.0
         return t
 
     def add_device(self, device: VirtioDevice, dev_num: int | None = None) -> int:
@@ -121,6 +123,7 @@ class DeviceServer:
         """Hot-unplug: reset, detach and announce EVENT_DEVICE REMOVED."""
         with self._lock:
             t = self.transports.pop(dev_num)
+            self._fds_next = 0.0
             t.reset()
             if self.bus.up:
                 self._transmit(self.conn.device_removed(dev_num, self.bus.clock()))
@@ -134,9 +137,11 @@ class DeviceServer:
         """Watch a host fd in the serving loop (carrier notifications, control
         pipes); ``callback()`` runs when it is readable."""
         self._fds[fd] = callback
+        self._fds_next = 0.0   # the loop's fd list is made anew
 
     def remove_fd(self, fd: int) -> None:
         self._fds.pop(fd, None)
+        self._fds_next = 0.0
 
     def _queue_event(self, msg: Message) -> None:
         self._outbox.append(msg)
@@ -247,15 +252,20 @@ class DeviceServer:
                 log.exception("no fallback answer for %r either: left unanswered", msg)
                 self.conn.ignore(msg)
 
-    def _on_event_avail(self, dev_num: int, vq_index: int) -> None:
+    def _on_event_avail(self, dev_num: int, vq_index: int) -> bool:
         """An EVENT_AVAIL taken by the bus's fast path (no event made): the
-        kick is served at once, under the same last-resort guard as events."""
+        kick is served at once, under the same last-resort guard as events,
+        and what it queued (EVENT_USED) is sent at once.  True when nothing
+        is left for the loop (no chains left over, nothing raised late)."""
         try:
             self._kick(dev_num, vq_index)
         except (BusError, SharedObjectLost):
             raise
         except Exception as e:
             self._dispatch_failed(NotificationReceived(EventAvail(dev_num=dev_num, vq_index=vq_index)), e)
+        if self._outbox:
+            self._flush()
+        return not self._rescan and not self._late
 
     def _kick(self, dev_num: int, vq_index: int) -> None:
         t = self.transports.get(dev_num)
@@ -302,19 +312,22 @@ class DeviceServer:
                 timeout = 0
             try:
                 waiting = timeout != 0 and not bus.fifo.pending()
-                if waiting or now >= self._fds_next:
-                    # Host fds: watched by the wait when the loop sleeps, and
-                    # looked at now and then while the bus keeps it busy.
+                # Host fds: watched by the wait (which looks at them every
+                # FD_CHECK_S while it spins, and sleeps on them), and looked at
+                # now and then while the bus keeps the loop busy.  The list is
+                # made anew every FD_CHECK_S, not on every wake-up: a wait that
+                # follows a message is on the peer's round trip.
+                fds = self._fds_cache
+                if now >= self._fds_next:
                     self._fds_next = now + FD_CHECK_S
-                    fds = self._watched_fds()
-                    if fds:
-                        if waiting:
-                            ready = bus.waiter.wait(bus.fifo, timeout, fds, cap=bus._wait_limit,
-                                                     arm=bus.before_sleep)
-                        else:
-                            ready = select.select(fds, [], [], 0)[0]
-                        self._on_fds(ready)
+                    self._fds_cache = fds = self._watched_fds()
+                    if fds and not waiting:
+                        self._on_fds(select.select(fds, [], [], 0)[0])
                         timeout = 0
+                if fds and waiting:
+                    self._on_fds(bus.waiter.wait(bus.fifo, timeout, fds, cap=bus._wait_limit,
+                                                 arm=bus.before_sleep))
+                    timeout = 0
             except (PeerStateError, FifoBrokenError) as e:
                 self.handle_events(bus.peer_lost(e))
                 return

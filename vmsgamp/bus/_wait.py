@@ -74,7 +74,7 @@ class Waiter:
     ``select`` are injectable for tests."""
 
     __slots__ = ("policy", "spin_s", "cap_s", "clock", "_sleep", "_select", "active_at",
-                 "backoff", "_seen", "_size_next", "spins", "blocks", "sleeps")
+                 "backoff", "_seen", "_size_next", "_fd_next", "spins", "blocks", "sleeps")
 
     def __init__(self, policy: WaitPolicy | None = None, *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Any] = time.sleep,
@@ -89,6 +89,7 @@ class Waiter:
         self.backoff = BACKOFF_START_S   # next idle sleep on a polled carrier
         self._seen = -1                  # the FIFO's sent + received at the last look
         self._size_next = 0.0            # next look at the shared object's size while sleep-polling
+        self._fd_next = -math.inf        # next look at the loop's fds while spinning (across waits)
         # what the waits did (reports and tests)
         self.spins = 0
         self.blocks = 0
@@ -158,7 +159,10 @@ class Waiter:
             except ValueError:   # a doorbell without an fd: poll it like a bare carrier
                 can_block = False
         capped = cap is None and arm is None
-        fd_next = now   # the fds first: the loop itself may have made one ready (a wake pipe)
+        # The fds are looked at every FD_CHECK_S while spinning, counted
+        # across waits: a loop that waits again right after a message must
+        # not pay a select() each time (that would be on the peer's round trip).
+        fd_next = self._fd_next
         while True:
             left = deadline - now
             if left <= 0:
@@ -174,7 +178,7 @@ class Waiter:
                     return []
                 now = clock()
                 if fds and now >= fd_next:
-                    fd_next = now + FD_CHECK_S
+                    self._fd_next = fd_next = now + FD_CHECK_S
                     ready = self._select(fds, [], [], 0)[0]
                     if ready:
                         return ready

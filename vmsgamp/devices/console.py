@@ -160,6 +160,12 @@ class ConsoleBackend:
     def on_ready(self, fd: int, max_bytes: int = 4096) -> bytes:
         return b""
 
+    def take_ready_input(self) -> bytes:
+        """Host input already waiting in this process (a Python endpoint
+        that answered the output it was just given): the model delivers it
+        at once instead of when the loop next looks at ``input_fds``."""
+        return b""
+
     @property
     def connected(self) -> bool:
         """Whether a host-side user is attached (PORT_OPEN to the driver)."""
@@ -466,6 +472,11 @@ class CallbackBackend(ConsoleBackend):
             self._input.clear()
         return data
 
+    def take_ready_input(self) -> bytes:
+        if not self._input:
+            return b""
+        return self.take_input()
+
     def _write_some(self, data: memoryview) -> int | None:
         chunk = bytes(data)
         if self.on_output is not None:
@@ -489,7 +500,13 @@ class EchoBackend(CallbackBackend):
     kind = "echo"
 
     def __init__(self, *, tx_limit: int = 1 << 16) -> None:
-        super().__init__(self.feed, tx_limit=tx_limit)
+        super().__init__(self._echo, tx_limit=tx_limit)
+
+    def _echo(self, data: bytes) -> None:
+        # Output is written by the model on the serving thread, which takes
+        # the echo right after (take_ready_input): no wake-up pipe needed.
+        with self._lock:
+            self._input.append(data)
 
 
 # ---- ports ---------------------------------------------------------------------------
@@ -746,6 +763,10 @@ class ConsoleDevice(VirtioDevice):
                 port.backend.write(chain.read())
             queue.add_used(chain.head, 0)   # nothing written to a transmit buffer
             used = True
+        if used:
+            answer = port.backend.take_ready_input()
+            if answer:
+                self.input(port.id, answer)
         return used
 
     # ---- control queues (MULTIPORT) -------------------------------------------------
