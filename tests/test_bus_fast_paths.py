@@ -108,3 +108,54 @@ def test_a_failing_kick_handler_is_counted_and_the_loop_goes_on(link, monkeypatc
     server.step(0)
     got = [decode(drv.recv_bytes(1)) for _ in range(drv.pending())]
     assert got[-1] == PingResponse(token=2, data=5)   # after the EVENT_CONFIG that says NEEDS_RESET
+
+
+class _CountingFifo:
+    """The device's MsgFifo, with ``wait_readable`` counted and, on its
+    first call, the driver's next message sent first (a peer answering
+    during the wait, without timing)."""
+
+    def __init__(self, fifo: MsgFifo, inject=None):
+        object.__setattr__(self, "_fifo", fifo)
+        object.__setattr__(self, "waits", [])
+        object.__setattr__(self, "_inject", inject)
+
+    def wait_readable(self, timeout=None):
+        self.waits.append(timeout)
+        inject = self._inject
+        if inject is not None:
+            object.__setattr__(self, "_inject", None)
+            inject()
+        return self._fifo.wait_readable(timeout)
+
+    def __getattr__(self, name):
+        return getattr(self._fifo, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._fifo, name, value)
+
+
+def test_after_a_ping_the_drain_lingers_and_takes_the_next_one(link):
+    bus, drv, _ = link
+    fifo = _CountingFifo(bus.fifo, inject=lambda: drv.send(encode(PingRequest(token=2, data=2))))
+    bus.fifo = fifo
+    drv.send(encode(PingRequest(token=1, data=1)))
+    assert bus.poll(0) == []
+    assert bus.conn.counters.pings_answered == 2        # the second came during the linger
+    assert [decode(drv.recv_bytes(1)).data for _ in range(2)] == [1, 2]
+    assert len(fifo.waits) == 2                          # lingered again after the second, in vain
+    assert all(0 < t <= 20e-6 for t in fifo.waits)
+
+
+def test_no_linger_without_a_fast_path_exchange_or_without_spinning(link):
+    from vmsgamp.bus._wait import Waiter, WaitPolicy
+
+    bus, drv, _ = link
+    fifo = _CountingFifo(bus.fifo)
+    bus.fifo = fifo
+    drv.send(encode(GetDeviceStatusRequest(dev_num=0, token=1)))   # an event for the caller
+    assert len(bus.poll(0)) == 1 and fifo.waits == []
+    bus.waiter = Waiter(WaitPolicy(spin_us=0))                    # the policy does not spin
+    drv.send(encode(PingRequest(token=2, data=2)))
+    assert bus.poll(0) == [] and fifo.waits == []
+    assert decode(drv.recv_bytes(1)).data == 2

@@ -16,7 +16,7 @@ from vmsgamp.devices._base import parse_device_list
 from vmsgamp.devices.console import (
     CONSOLE_PORT, CONTROL, DEVICE_READY, PORT_ADD, PORT_NAME, PORT_OPEN, PORT_READY, PORT_REMOVE, RESIZE,
     VIRTIO_CONSOLE_F_EMERG_WRITE, VIRTIO_CONSOLE_F_MULTIPORT, VIRTIO_CONSOLE_F_SIZE, CallbackBackend,
-    ConsoleDevice, ConsolePort, FdBackend, PtyBackend, SocketBackend,
+    ConsoleDevice, ConsolePort, EchoBackend, FdBackend, PtyBackend, SocketBackend,
 )
 from vmsgamp.devices.console_client import ConsoleClient, open_console_streams
 from vmsgamp.testing.amp import amp_pair
@@ -99,6 +99,25 @@ def test_echo_through_a_stream_backend(fmt):
         assert rig.used(0) == [("r3", 3, b"xyz")] and rig.notified == [0]
     finally:
         rig.close()
+
+
+def test_echo_backend_answers_within_the_transmit_kick(fmt):
+    # The echo reaches the receive buffer in the same handle_queue call that
+    # took the output (no wait for the loop to look at a wake-up pipe), and
+    # a callback that answers at once through feed() is delivered there too.
+    for backend in (EchoBackend(), CallbackBackend()):
+        if not isinstance(backend, EchoBackend):
+            backend.on_output = backend.feed
+        rig = Rig(ConsoleDevice(backend), fmt)
+        try:
+            assert rig.drv[0].add_chain([], [64], token="r1")
+            assert not rig.kick(0)
+            assert rig.drv[1].add_chain([b"ping"], token="tx")
+            assert rig.kick(1)
+            assert rig.used(1) == [("tx", 0, b"")]
+            assert rig.used(0) == [("r1", 4, b"ping")] and rig.notified == [0]
+        finally:
+            rig.close()
 
 
 def test_malformed_receive_and_transmit_buffers(fmt):
