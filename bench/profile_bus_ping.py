@@ -64,17 +64,24 @@ def _device(region: Region, bell, profile_to: str | None, stop: threading.Event)
     fifo.close()
 
 
-def _pings(drv: AmpDriver, count: int) -> list[float]:
+def _pings(drv: AmpDriver, count: int, generic: bool = False) -> list[float]:
+    """``count`` round trips: ``AmpDriver.ping_once`` (what `vmsgamp ping`
+    does: the connection's PING fast path), or with ``generic`` a
+    ``request(PingRequest)`` through the whole request machinery."""
     out = []
     clock = time.perf_counter_ns
     for i in range(count):
         t0 = clock()
-        drv.request(PingRequest(data=i))
+        if generic:
+            drv.request(PingRequest(data=i))
+        else:
+            drv.ping_once(i)
         out.append((clock() - t0) / 1000)
     return out
 
 
-def run(count: int, doorbell: str, profiled: bool, tmp: str) -> tuple[list[float], str | None, str | None]:
+def run(count: int, doorbell: str, profiled: bool, tmp: str,
+        generic: bool = False) -> tuple[list[float], str | None, str | None]:
     region = Region.memfd(1 << 20)
     if doorbell == "eventfd":
         dev_bell, drv_bell = EventfdDoorbell.pair()
@@ -100,15 +107,15 @@ def run(count: int, doorbell: str, profiled: bool, tmp: str) -> tuple[list[float
     drv_prof = os.path.join(tmp, "driver.prof") if profiled else None
     try:
         drv.bus.start(10)
-        _pings(drv, min(200, count))  # warm-up (and the device's first PING)
+        _pings(drv, min(200, count), generic)  # warm-up (and the device's first PING)
         if profiled:
             prof = cProfile.Profile()
             prof.enable()
-            rtts = _pings(drv, count)
+            rtts = _pings(drv, count, generic)
             prof.disable()
             prof.dump_stats(drv_prof)
         else:
-            rtts = _pings(drv, count)
+            rtts = _pings(drv, count, generic)
     finally:
         fifo.close()
         os.kill(pid, signal.SIGTERM)
@@ -140,19 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--doorbell", choices=["eventfd", "polling"], default="eventfd")
     p.add_argument("--top", type=int, default=15, help="functions shown per side")
     p.add_argument("--rtt-only", action="store_true", help="only part 1: the round trip without a profiler")
+    p.add_argument("--generic", action="store_true",
+                   help="PING through AmpDriver.request (message objects, events) instead of the fast path")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="vmsgamp-prof-") as tmp:
-        rtts, _, _ = run(args.count, args.doorbell, False, tmp)
+        rtts, _, _ = run(args.count, args.doorbell, False, tmp, args.generic)
         rtts.sort()
         print(f"bus PING round trip ({args.doorbell} doorbells, {args.count} PINGs, no profiler): "
               f"p50 {statistics.median(rtts):.1f} us, p99 {rtts[int(len(rtts) * 0.99) - 1]:.1f} us, "
               f"min {rtts[0]:.1f} us")
         if args.rtt_only:
             return 0
-        rtts, drv_prof, dev_prof = run(args.count, args.doorbell, True, tmp)
+        rtts, drv_prof, dev_prof = run(args.count, args.doorbell, True, tmp, args.generic)
         print(f"with cProfile in both processes: p50 {statistics.median(rtts):.1f} us")
         assert drv_prof and dev_prof
-        print("driver process (AmpDriver.request per PING):")
+        print(f"driver process ({'AmpDriver.request' if args.generic else 'AmpDriver.ping_once'} per PING):")
         print(top(drv_prof, args.count, args.top))
         answered = int(Path(dev_prof + ".count").read_text() or 0) or args.count
         print(f"device process (DeviceServer.step loop, {answered} PINGs):")

@@ -28,6 +28,7 @@ cdef extern from "<poll.h>" nogil:
         short events
         short revents
     int poll(pollfd *fds, unsigned long nfds, int timeout)
+    int ppoll(pollfd *fds, unsigned long nfds, const timespec *tmo_p, const void *sigmask)
     enum:
         POLLIN
 
@@ -45,24 +46,26 @@ cdef int _check_signals_nogil() except -1 nogil:
 
 cdef int wait_fd_readable(int fd, long long timeout_ns) except -1 nogil:
     """Wait until fd is readable: 1 readable, 0 timeout.  timeout_ns < 0 waits
-    forever.  Interruptible: a pending Python signal (Ctrl-C) raises."""
+    forever.  Interruptible: a pending Python signal (Ctrl-C) raises.
+    ppoll, not poll: a wait of 20 us must not become one of 1 ms."""
     cdef pollfd p
+    cdef timespec ts
     cdef long long deadline = _now_ns() + timeout_ns if timeout_ns >= 0 else -1
     cdef long long left
-    cdef int ms, rc
+    cdef int rc
     while True:
-        if deadline < 0:
-            ms = -1
-        else:
-            left = deadline - _now_ns()
-            if left <= 0:
-                ms = 0
-            else:
-                ms = <int>((left + 999999) // 1000000)
         p.fd = fd
         p.events = POLLIN
         p.revents = 0
-        rc = poll(&p, 1, ms)
+        if deadline < 0:
+            rc = ppoll(&p, 1, NULL, NULL)
+        else:
+            left = deadline - _now_ns()
+            if left < 0:
+                left = 0
+            ts.tv_sec = left // 1000000000
+            ts.tv_nsec = left % 1000000000
+            rc = ppoll(&p, 1, &ts, NULL)
         if rc > 0:
             return 1
         if rc == 0:
