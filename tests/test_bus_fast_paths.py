@@ -159,3 +159,19 @@ def test_no_linger_without_a_fast_path_exchange_or_without_spinning(link):
     drv.send(encode(PingRequest(token=2, data=2)))
     assert bus.poll(0) == [] and fifo.waits == []
     assert decode(drv.recv_bytes(1)).data == 2
+
+
+def test_a_peer_that_never_stops_sending_cannot_hold_the_loop(link):
+    # recv_many never comes back empty: the drain still returns, so the
+    # loop's housekeeping (timeouts, liveness, fds, Ctrl-C) gets its turn.
+    bus, drv, _ = link
+
+    class Flood(_CountingFifo):
+        def recv_many(self, max_count=None):
+            return [encode(PingRequest(token=1, data=7))]
+
+    bus.fifo = Flood(bus.fifo)
+    assert bus.poll(0) == []
+    answered = bus.conn.counters.pings_answered
+    assert 1 <= answered <= 64
+    assert bus.poll(0) == [] and bus.conn.counters.pings_answered == 2 * answered

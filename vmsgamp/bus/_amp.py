@@ -57,6 +57,7 @@ _LIVENESS_LOOKS = 12        # the liveness rule is applied this often per livene
 LINGER_S = 20e-6            # after a fast-path exchange, wait this long for the peer's next message
 LINGER_MAX_S = 50e-6        # at most this long in all per drain: housekeeping is not put off for long
 _SPIN_ALWAYS_NS = 1 << 62   # FIFO spin setting: spin for the whole (short) wait
+_DRAIN_ROUNDS = 8           # FIFO reads (of up to a ring's worth each) per drain
 
 
 class BusError(VmsgampError):
@@ -397,7 +398,7 @@ class AmpBus:
         batch = fifo.num_slots
         served = False        # a fast-path exchange happened since the last look
         until = 0.0           # end of the lingering, once it starts
-        while True:
+        for _ in range(_DRAIN_ROUNDS):   # a peer that keeps sending cannot hold the loop here
             try:
                 msgs = recv(batch)  # one C call and one copy per message
             except BadMessageSize as e:
@@ -457,6 +458,7 @@ class AmpBus:
                             served = True
                             continue
                 events.extend(conn.receive_bytes(data, now))
+        return events   # more is waiting: the caller's next poll takes it, after its housekeeping
 
     def peer_lost(self, e: PeerStateError | FifoBrokenError) -> list[Event]:
         """Handle an error raised by a direct FIFO call (e.g. arm_wait)."""
