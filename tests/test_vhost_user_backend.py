@@ -538,6 +538,33 @@ def test_socket_message_handled_while_spinning(sock, fmt):
         assert be._wait.spinning and be.stats["blocks"] == blocks and kicks_off(fe)
 
 
+class Hoarder(VirtioDevice):
+    """Leaves the driver's buffers posted (an RX queue waiting for host data)."""
+
+    device_id = 4
+    name = "hoarder"
+    calls = 0
+
+    def handle_queue(self, index, queue):
+        self.calls += 1
+        return False
+
+
+def test_spin_does_not_hammer_a_ring_whose_chains_stay_posted(sock):
+    clock = FakeClock()
+    dev = Hoarder()
+    with stepped(dev, sock, clock, "split", QEMU_RNG_SPLIT & ~F_EVENT_IDX,
+                 wait=WaitPolicy(busy_poll=True)) as (be, fe):
+        post(fe, "a")
+        per_step = []
+        for step in (0.001, 0.0001):             # one slice: 10 looks at the ring, then 100
+            clock.step, clock.max_reads = step, clock.reads + 1000
+            calls = dev.calls
+            be.step(None)
+            per_step.append(dev.calls - calls)
+        assert per_step[0] == per_step[1]        # served once per wait, not once per look
+
+
 @pytest.mark.parametrize("fmt,features", RING_KINDS[1:3], ids=RING_IDS[1:3])
 def test_ring_stopped_while_spinning_is_left_with_kicks_on(sock, fmt, features):
     """GET_VRING_BASE during a spin: whoever runs the ring next (QEMU, a

@@ -127,9 +127,14 @@ class RingWait:
                     except QueueBrokenError as e:
                         broken(r, e.reason)
                         continue
-                    if ready and serve(r):
-                        self.stats["served_while_spinning"] += 1
-                        found = True
+                    if ready:
+                        if serve(r):
+                            self.stats["served_while_spinning"] += 1
+                            found = True
+                        else:
+                            # Chains the model leaves posted (buffers waiting
+                            # for host data): not looked at again this wait.
+                            watched = [w for w in watched if w is not r]
                 if found:
                     return
                 now = clock()
