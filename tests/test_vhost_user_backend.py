@@ -366,19 +366,21 @@ def test_backend_killed_and_restarted(sock, fmt, features):
 # ---- waiting: spin on the rings after serving, then re-enable kicks and block -----------------
 
 class FakeClock:
-    """Time that moves only when told (``step`` per read: a clock that runs)."""
+    """Time that moves only when told (``step`` per read: a clock that runs).
+    ``live``: 1 ms per read, so a loop in a thread never spins for long."""
 
     def __init__(self, step=0.0, max_reads=None):
         self.t = 1000.0
         self.step = step
         self.reads = 0
         self.max_reads = max_reads
+        self.live = False
 
     def __call__(self):
         self.reads += 1
         if self.max_reads is not None and self.reads > self.max_reads:
             raise AssertionError("the back-end kept reading the clock: a spin that does not end")
-        self.t += self.step
+        self.t += 1e-3 if self.live else self.step
         return self.t
 
     def advance(self, seconds):
@@ -392,6 +394,7 @@ def stepped(device, path, clock, fmt="split", features=None, **kw):
     be = VhostUserBackend(device, str(path), clock=clock, **kw)
     fe = FakeFrontend(str(path))
     done = threading.Event()
+    clock.live = True     # a busy-polling thread must still see its slices end
     t = threading.Thread(target=be.serve_forever, args=(done,), kwargs={"poll_interval": 0.02}, daemon=True)
     t.start()
     try:
@@ -401,6 +404,7 @@ def stepped(device, path, clock, fmt="split", features=None, **kw):
     finally:
         done.set()
         t.join(5)
+        clock.live = False
     try:
         assert not t.is_alive()
         be.step(0)        # arm what the set-up left quiet: the ring starts with kicks on
