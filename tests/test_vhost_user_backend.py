@@ -487,6 +487,34 @@ def test_spin_serves_requests_without_kicks(sock, fmt, features):
         assert be.stats["refused"] == be.stats["broken"] == 0
 
 
+def test_spin_window_adapts_to_the_guests_pace(sock):
+    """A guest slower than the window (QEMU under TCG) shrinks it to nothing;
+    one whose requests come soon after the window ends grows it back."""
+    clock = FakeClock()
+    with stepped(RngDevice(Counter()), sock, clock) as (be, fe):
+        w = be._wait
+        clock.max_reads = clock.reads + 10_000   # a spin on the frozen clock would never end
+        assert post(fe, "a")
+        fe.kick(0, force=True)
+        be.step(0)
+
+        def request_after(gap):
+            clock.advance(gap)      # the guest's next request comes this long after the last
+            be.step(0.001)          # nothing yet: the back-end sleeps on the kicks
+            assert post(fe, "x")
+            fe.kick(0, force=True)
+            be.step(0.001)
+            assert used_tokens(fe)[-1] == "x"
+            return w.window
+
+        shrinking = [request_after(1.0) for _ in range(5)]
+        assert shrinking == sorted(shrinking, reverse=True) and shrinking[-1] == 0
+        assert shrinking[0] < w.spin_s
+        growing = [request_after(95e-6) for _ in range(5)]
+        assert growing == pytest.approx([10e-6, 20e-6, 40e-6, 80e-6, 100e-6])
+        assert be.stats["served_while_spinning"] == 0 and be.stats["kicks"] == 11
+
+
 @pytest.mark.parametrize("fmt,features", RING_KINDS[:3], ids=RING_IDS[:3])
 def test_spin_us_0_waits_for_kicks_as_before(sock, fmt, features):
     clock = FakeClock()

@@ -19,6 +19,16 @@ served chains it does not go back to sleep on the kick eventfds at once:
    served instead of sleeping;
 3. **block** in the selector as a back-end without spinning does.
 
+The window adapts as KVM's halt polling does, between 0 and ``spin_us``:
+when a request wakes the blocked back-end up sooner than ``spin_us`` after
+the previous one was served, a longer spin would have caught it, so the
+window doubles (from ``GROW_START_S``); when it comes later than that, no
+allowed spin would have, so the window halves (below ``GROW_START_S``: no
+spin).  A slow guest (QEMU under
+TCG takes hundreds of microseconds between requests) thus stops costing the
+back-end a spin per request, CPU the guest's own vCPU thread needs, while a
+fast one keeps the whole window.
+
 ``busy_poll`` spins all the time, in ``SPIN_SLICE_S`` slices so that stop
 and Ctrl-C keep working.  ``spin_us=0`` never spins and never leaves kicks
 off: every service re-enables them, as before this module existed.  An idle
@@ -35,6 +45,7 @@ from vmsgamp._core.virtq import QueueBrokenError
 from vmsgamp.bus._wait import FD_CHECK_S, SPIN_SLICE_S, WaitPolicy
 
 _SPIN_MIN_S = 1e-7   # less window than this left: it is over
+GROW_START_S = 10e-6   # the window a block that was short enough grows to from none
 
 
 class Ring(Protocol):
@@ -51,14 +62,17 @@ class RingWait:
     (services that found chains no kick announced), ``served_at_arm`` (chains
     found by the re-check when the window closed) and ``blocks``."""
 
-    __slots__ = ("policy", "spin_s", "clock", "active_at", "fd_next", "quiet", "spinning", "stats")
+    __slots__ = ("policy", "spin_s", "window", "clock", "active_at", "blocked_at", "fd_next", "quiet",
+                 "spinning", "stats")
 
     def __init__(self, policy: WaitPolicy, stats: dict[str, int], *,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.policy = policy
         self.spin_s = policy.spin_us * 1e-6
+        self.window = self.spin_s     # the spin after activity now (adapted, at most spin_s)
         self.clock = clock
         self.active_at = -math.inf   # last chains served
+        self.blocked_at: float | None = None   # the loop slept since the last work (when it began)
         self.fd_next = -math.inf     # next zero-timeout look at the selector while spinning
         self.quiet: set[int] = set()  # rings whose kicks are off (armed before any sleep)
         self.spinning = False
@@ -72,13 +86,26 @@ class RingWait:
         return self.policy.busy_poll or self.spin_s > 0
 
     def activity(self) -> None:
-        """Chains were served: spin again."""
-        self.active_at = self.clock()
+        """Chains were served: spin again (and learn from the sleep before)."""
+        now = self.clock()
+        if self.blocked_at is not None:
+            self.blocked_at = None
+            self.adapt(now - self.active_at)
+        self.active_at = now
+
+    def adapt(self, gap: float) -> None:
+        """The loop slept, and work came ``gap`` seconds after the previous
+        work: resize the window."""
+        if gap > self.spin_s:
+            half = self.window / 2
+            self.window = half if half >= GROW_START_S else 0.0
+        elif gap > self.window:
+            self.window = min(self.spin_s, max(self.window * 2, GROW_START_S))
 
     def spin_left(self, now: float) -> float:
         if self.policy.busy_poll:
             return SPIN_SLICE_S
-        return self.spin_s - (now - self.active_at)
+        return self.window - (now - self.active_at)
 
     def forget(self, ring: Ring) -> None:
         """``ring`` stops: leave the guest's kicks on for whoever runs it next."""
@@ -154,6 +181,8 @@ class RingWait:
         left = deadline - now
         if left > 0:
             self.stats["blocks"] += 1
+            if self.blocked_at is None:
+                self.blocked_at = now
         look(None if deadline == math.inf else max(left, 0.0))
 
     def _arm(self, rings: Sequence[Ring], serve: Callable[[Ring], bool],
