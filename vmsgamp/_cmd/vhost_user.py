@@ -24,9 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "QEMU side: -chardev socket,id=vu,path=PATH[,reconnect=1] "
                     "-device vhost-user-blk-pci,chardev=vu (guest RAM shared: "
                     "-object memory-backend-memfd,id=mem,size=...,share=on -machine memory-backend=mem).  "
-                    "After serving requests the back-end spins --spin-us on the rings with the guest's "
-                    "kicks suppressed, then re-enables them and sleeps (--idle-backoff-ms has no "
-                    "effect here: kicks always arrive on eventfds).")
+                    "After serving requests the back-end spins on the rings with the guest's kicks "
+                    "suppressed, up to --spin-us (less for a guest slower than that), then re-enables "
+                    "them and sleeps (--idle-backoff-ms has no effect here: kicks arrive on eventfds).")
     p.add_argument("--socket", required=True, metavar="PATH", help="UNIX socket to listen on (replaced if stale)")
     p.add_argument("--device", required=True, metavar="ITEM",
                    help="one device item as for serve --devices: rng[:SOURCE] (default source "
