@@ -6,7 +6,8 @@ seeing the previous one complete; each kick it sends costs a vmexit (an
 ioeventfd write in QEMU) and wakes this process up.  So after the back-end
 served chains it does not go back to sleep on the kick eventfds at once:
 
-1. **spin** for ``spin_us`` after the last served chain, with the guest's
+1. **spin** for a window (at most ``spin_us``, see below) after the last
+   served chain, with the guest's
    kicks suppressed on the rings it watches (``disable_notification()``;
    with EVENT_IDX on a split ring the avail event is simply left behind the
    driver, so it has already crossed it and does not kick again), looking at
@@ -45,7 +46,7 @@ from vmsgamp._core.virtq import QueueBrokenError
 from vmsgamp.bus._wait import FD_CHECK_S, SPIN_SLICE_S, WaitPolicy
 
 _SPIN_MIN_S = 1e-7   # less window than this left: it is over
-GROW_START_S = 10e-6   # the window a block that was short enough grows to from none
+GROW_START_S = 10e-6   # the window grows from this (and below it shrinks to none)
 
 
 class Ring(Protocol):
@@ -62,7 +63,7 @@ class RingWait:
     (services that found chains no kick announced), ``served_at_arm`` (chains
     found by the re-check when the window closed) and ``blocks``."""
 
-    __slots__ = ("policy", "spin_s", "window", "clock", "active_at", "blocked_at", "fd_next", "quiet",
+    __slots__ = ("policy", "spin_s", "window", "clock", "active_at", "slept", "fd_next", "quiet",
                  "spinning", "stats")
 
     def __init__(self, policy: WaitPolicy, stats: dict[str, int], *,
@@ -72,7 +73,7 @@ class RingWait:
         self.window = self.spin_s     # the spin after activity now (adapted, at most spin_s)
         self.clock = clock
         self.active_at = -math.inf   # last chains served
-        self.blocked_at: float | None = None   # the loop slept since the last work (when it began)
+        self.slept = False           # the loop blocked since the last chains served
         self.fd_next = -math.inf     # next zero-timeout look at the selector while spinning
         self.quiet: set[int] = set()  # rings whose kicks are off (armed before any sleep)
         self.spinning = False
@@ -88,8 +89,8 @@ class RingWait:
     def activity(self) -> None:
         """Chains were served: spin again (and learn from the sleep before)."""
         now = self.clock()
-        if self.blocked_at is not None:
-            self.blocked_at = None
+        if self.slept:
+            self.slept = False
             self.adapt(now - self.active_at)
         self.active_at = now
 
@@ -181,8 +182,7 @@ class RingWait:
         left = deadline - now
         if left > 0:
             self.stats["blocks"] += 1
-            if self.blocked_at is None:
-                self.blocked_at = now
+            self.slept = True
         look(None if deadline == math.inf else max(left, 0.0))
 
     def _arm(self, rings: Sequence[Ring], serve: Callable[[Ring], bool],
