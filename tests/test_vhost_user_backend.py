@@ -16,9 +16,10 @@ from vmsgamp.devices._base import VirtioDevice
 from vmsgamp.devices.blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, BlkDevice
 from vmsgamp.devices.rng import RngDevice
 from vmsgamp.testing.vhost_user_frontend import QEMU_RNG_PACKED, QEMU_RNG_SPLIT, FakeFrontend, nofd
+from vmsgamp.bus._wait import SPIN_SLICE_S, WaitPolicy
 from vmsgamp.vhost_user import VhostUserBackend
 from vmsgamp.vhost_user._protocol import (
-    VERSION, MemoryRegion, Request, encode_config, encode_memory_table, encode_u64,
+    VERSION, MemoryRegion, Request, encode, encode_config, encode_memory_table, encode_u64,
     encode_vring_state, parse_u64, parse_vring_state,
 )
 
@@ -276,7 +277,7 @@ def test_broken_ring_signals_err_fd_and_backend_survives(sock):
         fe.realize()
         fe.start()
         fe.driver(0).add_chain([], [16])
-        fe.kick(0)
+        fe.kick(0, force=True)
         r, _, _ = select.select([fe.err_fds[0]], [], [], 5)
         assert r, "no SET_VRING_ERR notification"
         assert be.stats["broken"] == 1
@@ -289,7 +290,7 @@ def test_hostile_descriptor_outside_guest_memory(sock):
         fe.start()
         # a buffer in the 0xa0000-0xc0000 hole QEMU never sends
         fe.driver(0).add_sg([], [(0xA0000, 64)])
-        fe.kick(0)
+        fe.kick(0, force=True)
         r, _, _ = select.select([fe.err_fds[0]], [], [], 5)
         assert r
         assert any("broken 0" in e for e in be.events)
@@ -360,6 +361,263 @@ def test_backend_killed_and_restarted(sock, fmt, features):
             assert f"queue 0: packed position 1/0 from {how}" in be.events
         fe.stop()
         fe.close()
+
+
+# ---- waiting: spin on the rings after serving, then re-enable kicks and block -----------------
+
+class FakeClock:
+    """Time that moves only when told (``step`` per read: a clock that runs).
+    ``live``: 1 ms per read, so a loop in a thread never spins for long."""
+
+    def __init__(self, step=0.0, max_reads=None):
+        self.t = 1000.0
+        self.step = step
+        self.reads = 0
+        self.max_reads = max_reads
+        self.live = False
+
+    def __call__(self):
+        self.reads += 1
+        if self.max_reads is not None and self.reads > self.max_reads:
+            raise AssertionError("the back-end kept reading the clock: a spin that does not end")
+        self.t += 1e-3 if self.live else self.step
+        return self.t
+
+    def advance(self, seconds):
+        self.t += seconds
+
+
+@contextlib.contextmanager
+def stepped(device, path, clock, fmt="split", features=None, **kw):
+    """A back-end driven by hand: set up by a serving thread (the front-end
+    waits for replies), then stepped by the test with an injected clock."""
+    be = VhostUserBackend(device, str(path), clock=clock, **kw)
+    fe = FakeFrontend(str(path))
+    done = threading.Event()
+    clock.live = True     # a busy-polling thread must still see its slices end
+    t = threading.Thread(target=be.serve_forever, args=(done,), kwargs={"poll_interval": 0.02}, daemon=True)
+    t.start()
+    try:
+        fe.realize()
+        fe.start(fmt=fmt, features=features)
+        fe.request(Request.GET_FEATURES, expect_reply=True)   # every set-up message handled
+    finally:
+        done.set()
+        t.join(5)
+        clock.live = False
+    try:
+        assert not t.is_alive()
+        be.step(0)        # arm what the set-up left quiet: the ring starts with kicks on
+        assert kicks_off(fe) == be.wait_policy.busy_poll
+        yield be, fe
+    finally:
+        fe.close()
+        be.close()
+
+
+def kicks_off(fe, q=0):
+    """Whether the ring, as the guest driver reads it, asks it not to kick."""
+    drv = fe.driver(q)
+    dev = drv.device_addr
+
+    def u16(addr):
+        return struct.unpack("<H", fe.ram.read(addr, 2))[0]
+
+    if drv.fmt == "packed":
+        return u16(dev + 2) & 3 == 1                          # device event flags: DISABLE
+    if drv.event_idx:
+        # avail_event left behind the driver's index: it was crossed, no kick until it moves
+        return u16(dev + 4 + 8 * drv.size) != drv.ref.avail_idx
+    return bool(u16(dev) & 1)                                  # used->flags: NO_NOTIFY
+
+
+def post(fe, token, q=0):
+    """A request from the guest; True if the driver wants to kick (it does not kick)."""
+    assert fe.driver(q).add_chain([], [16], token=token)
+    return fe.driver(q).kick_prepare()
+
+
+def used_tokens(fe, q=0):
+    out = []
+    while (got := fe.driver(q).get_used()) is not None:
+        out.append(got[0])
+    return out
+
+
+RING_KINDS = [("split", QEMU_RNG_SPLIT), ("split", QEMU_RNG_SPLIT & ~F_EVENT_IDX),
+              ("packed", QEMU_RNG_PACKED), ("packed", QEMU_RNG_PACKED & ~F_EVENT_IDX)]
+RING_IDS = ["split-event-idx", "split", "packed-event-idx", "packed"]
+
+
+@pytest.mark.parametrize("fmt,features", RING_KINDS, ids=RING_IDS)
+def test_spin_serves_requests_without_kicks(sock, fmt, features):
+    clock = FakeClock()    # stands still: the spin window never ends by itself
+    with stepped(RngDevice(Counter()), sock, clock, fmt, features) as (be, fe):
+        assert be.stats["spins"] == 0            # no traffic yet: no spinning
+        blocks = be.stats["blocks"]
+        # 1. a kicked request wakes the back-end up; kicks stay off afterwards
+        assert post(fe, "a")
+        fe.kick(0, force=True)
+        be.step(0)
+        assert used_tokens(fe) == ["a"] and be.stats["kicks"] == 1
+        assert kicks_off(fe)
+        # 2. the next request, not kicked (the driver sees kicks are off), is
+        #    found by the spin of the next step
+        assert not post(fe, "b")
+        be.step(0)
+        assert used_tokens(fe) == ["b"]
+        assert be.stats["served_while_spinning"] == 1 and be.stats["spins"] == 1 and be.stats["kicks"] == 1
+        assert kicks_off(fe)
+        # 3. a request posted just before the window ends is found by the
+        #    re-check after re-enabling kicks: served, no sleep
+        assert not post(fe, "c")
+        clock.advance(1.0)
+        be.step(5.0)
+        assert used_tokens(fe) == ["c"] and be.stats["served_at_arm"] == 1
+        assert be.stats["blocks"] == blocks
+        # 4. a window with nothing in it ends with kicks on, and the back-end sleeps on them again
+        clock.advance(1.0)
+        be.step(0)
+        assert not kicks_off(fe)
+        assert post(fe, "d")
+        fe.kick(0, force=True)
+        be.step(0)
+        assert used_tokens(fe) == ["d"] and be.stats["kicks"] == 2
+        assert be.stats["served_while_spinning"] == 1 and be.stats["served_at_arm"] == 1
+        assert be.stats["refused"] == be.stats["broken"] == 0
+
+
+def test_spin_window_adapts_to_the_guests_pace(sock):
+    """A guest slower than the window (QEMU under TCG) shrinks it to nothing;
+    one whose requests come soon after the window ends grows it back."""
+    clock = FakeClock()
+    with stepped(RngDevice(Counter()), sock, clock) as (be, fe):
+        w = be._wait
+        clock.max_reads = clock.reads + 10_000   # a spin on the frozen clock would never end
+        assert post(fe, "a")
+        fe.kick(0, force=True)
+        be.step(0)
+
+        def request_after(gap):
+            clock.advance(gap)      # the guest's next request comes this long after the last
+            be.step(0.001)          # nothing yet: the back-end sleeps on the kicks
+            assert post(fe, "x")
+            fe.kick(0, force=True)
+            be.step(0.001)
+            assert used_tokens(fe)[-1] == "x"
+            return w.window
+
+        shrinking = [request_after(1.0) for _ in range(5)]
+        assert shrinking == sorted(shrinking, reverse=True) and shrinking[-1] == 0
+        assert shrinking[0] < w.spin_s
+        growing = [request_after(95e-6) for _ in range(5)]
+        assert growing == pytest.approx([10e-6, 20e-6, 40e-6, 80e-6, 100e-6])
+        assert be.stats["served_while_spinning"] == 0 and be.stats["kicks"] == 11
+
+
+@pytest.mark.parametrize("fmt,features", RING_KINDS[:3], ids=RING_IDS[:3])
+def test_spin_us_0_waits_for_kicks_as_before(sock, fmt, features):
+    clock = FakeClock()
+    with stepped(RngDevice(Counter()), sock, clock, fmt, features, wait=WaitPolicy(spin_us=0)) as (be, fe):
+        assert post(fe, "a")
+        fe.kick(0, force=True)
+        be.step(0)
+        assert used_tokens(fe) == ["a"]
+        assert not kicks_off(fe)                 # every service re-enables kicks
+        assert post(fe, "b")                     # so the driver would kick; it does not
+        be.step(0)
+        assert used_tokens(fe) == []             # and nothing looks at the ring without one
+        fe.kick(0, force=True)
+        be.step(0)
+        assert used_tokens(fe) == ["b"]
+        assert be.stats["spins"] == be.stats["served_while_spinning"] == be.stats["served_at_arm"] == 0
+        assert be.stats["kicks"] == 2
+
+
+@pytest.mark.parametrize("fmt,features", [RING_KINDS[1], RING_KINDS[2]], ids=[RING_IDS[1], RING_IDS[2]])
+def test_busy_poll_returns_from_step_within_its_slice(sock, fmt, features):
+    clock = FakeClock()
+    with stepped(RngDevice(Counter()), sock, clock, fmt, features, wait=WaitPolicy(busy_poll=True)) as (be, fe):
+        assert not post(fe, "a")                 # busy polling: kicks off from the start
+        blocks = be.stats["blocks"]
+        be.step(None)
+        assert used_tokens(fe) == ["a"] and be.stats["kicks"] == 0
+        # nothing to do: step(None) still returns once a slice has passed
+        clock.step, clock.reads, clock.max_reads = 0.001, 0, 1000
+        t0 = clock.t
+        be.step(None)
+        assert SPIN_SLICE_S <= clock.t - t0 <= SPIN_SLICE_S + 0.002
+        assert be.stats["blocks"] == blocks and kicks_off(fe)
+        clock.max_reads = None
+        be.stop()                                # and a stop ends serve_forever
+        be.serve_forever()
+
+
+@pytest.mark.parametrize("fmt", ["split", "packed"])
+def test_socket_message_handled_while_spinning(sock, fmt):
+    clock = FakeClock()
+    with stepped(RngDevice(Counter()), sock, clock, fmt) as (be, fe):
+        assert post(fe, "a")
+        fe.kick(0, force=True)
+        be.step(0)
+        assert used_tokens(fe) == ["a"]
+        fe.send_raw(encode(Request.GET_FEATURES, b""))
+        messages, blocks = be.stats["messages"], be.stats["blocks"]
+        clock.step, clock.max_reads, clock.reads = 10e-6, 1000, 0   # the window is 10 reads long
+        be.step(None)
+        assert be.stats["messages"] == messages + 1
+        assert parse_u64(fe.recv_reply()) >> 30 & 1
+        assert be._wait.spinning and be.stats["blocks"] == blocks and kicks_off(fe)
+
+
+class Hoarder(VirtioDevice):
+    """Leaves the driver's buffers posted (an RX queue waiting for host data)."""
+
+    device_id = 4
+    name = "hoarder"
+    calls = 0
+
+    def handle_queue(self, index, queue):
+        self.calls += 1
+        return False
+
+
+def test_spin_does_not_hammer_a_ring_whose_chains_stay_posted(sock):
+    clock = FakeClock()
+    dev = Hoarder()
+    with stepped(dev, sock, clock, "split", QEMU_RNG_SPLIT & ~F_EVENT_IDX,
+                 wait=WaitPolicy(busy_poll=True)) as (be, fe):
+        post(fe, "a")
+        per_step = []
+        for step in (0.001, 0.0001):             # one slice: 10 looks at the ring, then 100
+            clock.step, clock.max_reads = step, clock.reads + 1000
+            calls = dev.calls
+            be.step(None)
+            per_step.append(dev.calls - calls)
+        assert per_step[0] == per_step[1]        # served once per wait, not once per look
+
+
+@pytest.mark.parametrize("fmt,features", RING_KINDS[1:3], ids=RING_IDS[1:3])
+def test_ring_stopped_while_spinning_is_left_with_kicks_on(sock, fmt, features):
+    """GET_VRING_BASE during a spin: whoever runs the ring next (QEMU, a
+    restarted back-end) must get the guest's kicks."""
+    clock = FakeClock()
+    with stepped(RngDevice(Counter()), sock, clock, fmt, features) as (be, fe):
+        assert post(fe, "a")
+        fe.kick(0, force=True)
+        be.step(0)
+        assert used_tokens(fe) == ["a"] and kicks_off(fe)
+        fe.request(Request.SET_VRING_ENABLE, encode_vring_state(0, 0))
+        fe.request(Request.GET_VRING_BASE, encode_vring_state(0, 0))
+        be.step(0)
+        assert parse_vring_state(fe.recv_reply()).num == (1 if fmt == "split" else 0x80018001)
+        assert not kicks_off(fe) and not be._wait.quiet
+
+
+def test_cli_wait_options(sock, tmp_path):
+    from vmsgamp.cli import main
+
+    assert main(["vhost-user", "--socket", str(sock), "--device", "rng", "--spin-us", "-1"]) == 2
 
 
 # ---- the command ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ import argparse
 import logging
 import os
 
-from vmsgamp._cmd._args import add_command, int_range
+from vmsgamp._cmd._args import add_command, add_wait_args, int_range, wait_policy
 from vmsgamp._cmd._output import add_json_arg, emit
 from vmsgamp.cli import CliError, stop_on_signals
 from vmsgamp.devices._base import VirtioDevice, build_device as build_model, parse_device_spec
@@ -23,7 +23,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "normal stop (exit 0), Ctrl-C exits 130; the socket is removed either way.  "
                     "QEMU side: -chardev socket,id=vu,path=PATH[,reconnect=1] "
                     "-device vhost-user-blk-pci,chardev=vu (guest RAM shared: "
-                    "-object memory-backend-memfd,id=mem,size=...,share=on -machine memory-backend=mem).")
+                    "-object memory-backend-memfd,id=mem,size=...,share=on -machine memory-backend=mem).  "
+                    "After serving requests the back-end spins on the rings with the guest's kicks "
+                    "suppressed, up to --spin-us (less for a guest slower than that), then re-enables "
+                    "them and sleeps (--idle-backoff-ms has no effect here: kicks arrive on eventfds).")
     p.add_argument("--socket", required=True, metavar="PATH", help="UNIX socket to listen on (replaced if stale)")
     p.add_argument("--device", required=True, metavar="ITEM",
                    help="one device item as for serve --devices: rng[:SOURCE] (default source "
@@ -32,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="request queues (blk only; default 1)")
     p.add_argument("--readonly", action="store_true", help="blk: expose the disk read-only")
     p.add_argument("--no-packed", action="store_true", help="do not offer VIRTIO_F_RING_PACKED")
+    add_wait_args(p)
     add_json_arg(p, "the listening information")
     p.set_defaults(func=run, sigterm_exit=0)
 
@@ -70,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         device.close()
         raise CliError(f"--socket {path}: exists and is not a socket (refusing to replace it)")
     try:
-        backend = VhostUserBackend(device, path, offer_packed=not args.no_packed)
+        backend = VhostUserBackend(device, path, offer_packed=not args.no_packed, wait=wait_policy(args))
     except OSError as e:
         device.close()
         raise CliError(f"--socket {path}: cannot listen: {e.strerror or e}") from None
@@ -78,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
         info = {"socket": path, "pid": os.getpid(), "device": device.describe(),
                 "num_queues": device.num_queues, "features": backend.offered_features,
                 "feature_names": feature_names(backend.offered_features, device.device_id),
-                "protocol_features": backend.offered_protocol_features}
+                "protocol_features": backend.offered_protocol_features,
+                "wait": {"spin_us": backend.wait_policy.spin_us, "busy_poll": backend.wait_policy.busy_poll}}
         qemu = {"rng": "vhost-user-rng-pci", "blk": "vhost-user-blk-pci"}[device.name]
         emit(args, info, f"vmsgamp vhost-user: {device.name} on {path} (pid {os.getpid()}), waiting for QEMU\n"
                          f"  features: {' '.join(info['feature_names'])}\n"

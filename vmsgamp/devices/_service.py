@@ -10,6 +10,9 @@ vhost and rust-vmm do:
    while kicks were off are served in another round;
 3. after a bounded number of rounds, give the loop back (``more``): one busy
    queue must not starve the others or the message channel;
+   a caller that keeps polling the ring itself (the vhost-user back-end's
+   spin) passes ``rearm=False``: kicks stay off at the end, and it must call
+   ``enable_notification()`` (and serve what that finds) before it sleeps;
 4. if anything was used, ``needs_notification()`` says whether the driver
    wants to hear about it (flags or event index); the caller rings.
 
@@ -52,15 +55,19 @@ _OUTCOMES = {(notify, more): Serviced(notify=notify, more=more) for notify in (F
              for more in (False, True)}
 
 
-def service_queue(device: Any, index: int, queue: Any, *, max_rounds: int = MAX_ROUNDS) -> Serviced:
-    """Serve a kick on ``queue`` (queue ``index`` of ``device``)."""
+def service_queue(device: Any, index: int, queue: Any, *, max_rounds: int = MAX_ROUNDS,
+                  rearm: bool = True) -> Serviced:
+    """Serve a kick on ``queue`` (queue ``index`` of ``device``).  With
+    ``rearm=False`` driver notifications are left off (step 3)."""
     used = False
     more = False
     try:
         for _ in range(max_rounds):
             queue.disable_notification()
             used |= bool(device.handle_queue(index, queue))
-            more = queue.enable_notification()
+            # With EVENT_IDX re-enabling moves avail_event to the next chain,
+            # so the driver would kick for it: a polling caller must not.
+            more = queue.enable_notification() if rearm else queue.has_available()
             if not more:
                 break
     except QueueBrokenError as e:

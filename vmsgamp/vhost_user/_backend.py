@@ -22,6 +22,10 @@ has the QEMU command lines and what was tested):
   ahead of it (chains popped but never completed are processed again), as
   QEMU itself does when GET_VRING_BASE failed.
 
+After serving chains the back-end spins for a while on the rings with the
+guest's kicks suppressed, then re-enables them and blocks
+(:mod:`vmsgamp.vhost_user._ringwait`, ``wait=``: a ``WaitPolicy``).
+
 Unknown or malformed messages are refused (a failure ack when NEED_REPLY is
 set, a log line otherwise); only a broken header (bad version, absurd size)
 closes the connection, and the back-end then waits for the next one.
@@ -37,12 +41,14 @@ import socket
 import stat
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from vmsgamp._core.addrspace import AddressSpace
 from vmsgamp._core.region import Region
 from vmsgamp._core.virtq import PackedQueue, QueueState, SplitQueue
+from vmsgamp.bus._wait import WaitPolicy
 from vmsgamp.devices._base import VirtioDevice, offered_features
 from vmsgamp.devices._service import Serviced, needs_notification, service_queue
 from vmsgamp.errors import SharedObjectLost
@@ -52,6 +58,7 @@ from vmsgamp.vhost_user._protocol import (
     encode_vring_state, packed_base, parse_config, parse_memory_table, parse_u64, parse_vring_addr,
     parse_vring_fd, parse_vring_state, unpack_packed_base,
 )
+from vmsgamp.vhost_user._ringwait import RingWait
 
 log = logging.getLogger("vmsgamp.vhost_user")
 
@@ -188,10 +195,15 @@ class VhostUserBackend:
     stale socket file is replaced).  One front-end at a time; after a
     disconnect the back-end waits for the next connection (QEMU
     ``reconnect=1``).  Run :meth:`serve_forever` in a thread or the main
-    thread; :meth:`stop` is thread-safe."""
+    thread; :meth:`stop` is thread-safe.
+
+    ``wait``: how long to spin on the rings after serving chains before
+    blocking on the kick eventfds (``WaitPolicy(spin_us=0)``: never spin);
+    ``clock`` is injectable for tests."""
 
     def __init__(self, device: VirtioDevice, socket_path: str, *, offer_packed: bool = True,
-                 offer_event_idx: bool = True, offer_indirect: bool = True) -> None:
+                 offer_event_idx: bool = True, offer_indirect: bool = True,
+                 wait: WaitPolicy | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.device = device
         self.socket_path = socket_path
         self.offered_features = offered_features(
@@ -202,7 +214,10 @@ class VhostUserBackend:
             proto |= 1 << ProtocolFeature.CONFIG
         self.offered_protocol_features = proto
         self.stats: dict[str, int] = {"connections": 0, "messages": 0, "refused": 0, "kicks": 0,
-                                      "calls": 0, "broken": 0}
+                                      "calls": 0, "broken": 0, "spins": 0, "served_while_spinning": 0,
+                                      "served_at_arm": 0, "blocks": 0}
+        self.wait_policy = wait or WaitPolicy()
+        self._wait = RingWait(self.wait_policy, self.stats, clock=clock)
         self.events: list[str] = []      # notable session events, for reports and tests
         self._closed = False
         self._stop = threading.Event()
@@ -262,9 +277,21 @@ class VhostUserBackend:
             self.step(0 if self._pending else poll_interval)
 
     def step(self, timeout: float | None) -> None:
-        """One round of the loop: wait for sockets/kicks and handle them."""
+        """One round of the loop: wait for sockets/kicks and handle them (or,
+        right after serving chains, spin on the rings: see ``_ringwait``)."""
         self._sync_device_fds()
-        for key, _ in self._sel.select(timeout):
+        self._wait.wait(timeout, [vr for vr in self.vrings if vr.queue is not None], self._process,
+                        self._look, self._mark_broken)
+        for index in list(self._pending):
+            self._pending.discard(index)
+            vr = self.vrings[index] if index < len(self.vrings) else None
+            if vr is not None and vr.started and vr.enabled:
+                self._process(vr)
+
+    def _look(self, timeout: float | None) -> bool:
+        """Wait up to ``timeout`` in the selector and handle what it reports."""
+        events = self._sel.select(timeout)
+        for key, _ in events:
             kind, arg = key.data
             if kind == "wake":
                 try:
@@ -282,11 +309,7 @@ class VhostUserBackend:
                     self.device.on_fd_ready(arg)
                 except Exception:
                     log.exception("%s: host input handler failed", self.device.name)
-        for index in list(self._pending):
-            self._pending.discard(index)
-            vr = self.vrings[index] if index < len(self.vrings) else None
-            if vr is not None and vr.started and vr.enabled:
-                self._process(vr)
+        return bool(events)
 
     def close(self) -> None:
         if self._closed:
@@ -689,6 +712,7 @@ class VhostUserBackend:
     def _stop_ring(self, vr: Vring) -> int:
         """Stop the ring; its base as GET_VRING_BASE reports it."""
         self._unwatch_kick(vr)
+        self._wait.forget(vr)
         q = vr.queue
         if q is None:
             if vr.base is not None:
@@ -747,11 +771,23 @@ class VhostUserBackend:
         if vr.started and vr.enabled:
             self._process(vr)
 
-    def _process(self, vr: Vring) -> None:
+    def _process(self, vr: Vring) -> bool:
+        """Serve the ring; True if it had chains."""
         q = vr.queue
         if q is None or q.broken:
-            return
-        self._after_service(vr, service_queue(self.device, vr.index, q))
+            return False
+        # (packed: the wrap counter too; a service that pops exactly a
+        # multiple of 2 * size chains looks idle, which only skips one spin)
+        before = (q.next_avail, getattr(q, "avail_wrap", False))
+        spin = self._wait.polls
+        done = service_queue(self.device, vr.index, q, rearm=not spin)
+        served = (q.next_avail, getattr(q, "avail_wrap", False)) != before
+        if spin:
+            self._wait.quiet.add(vr.index)   # kicks left off: armed before the loop sleeps
+            if served:
+                self._wait.activity()
+        self._after_service(vr, done)
+        return served
 
     def _after_service(self, vr: Vring, done: Serviced) -> None:
         if done.broken is not None:
