@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections import Counter
 from typing import BinaryIO
 
@@ -206,7 +205,8 @@ class Tracer:
         return {k: n for k, n in total.items() if n}
 
     def summary(self) -> dict[str, object]:
-        """Packets written so far, per direction (after a flush or close)."""
+        """``messages``: packets written so far; per direction: packets
+        recorded (the same after a flush or close, unless writing failed)."""
         out = sum(n for (_i, d), n in self.counts.items() if d == DIR_OUTBOUND)
         inn = sum(n for (_i, d), n in self.counts.items() if d == DIR_INBOUND)
         return {"file": self.path, "messages": self.written, "driver_to_device": out,
