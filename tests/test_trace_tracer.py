@@ -225,12 +225,24 @@ def test_a_buffer_taken_by_the_writer_is_never_written_again():
     assert m == 3000 and len(second) == 3000 * 144 and second[:4] == b"\x06\x00\x00\x00"
 
 
-def test_taps_take_bytes_only():
-    tr = Tracer(io.BytesIO(), background=False)
+def test_taps_take_any_bytes_like_object_and_nothing_else():
+    """A tap never breaks the bus over a type: bytes-likes are copied; what
+    is not bytes-like is refused before anything is recorded."""
+    f = io.BytesIO()
+    tr = Tracer(f, background=False)
     tap = tr.tap("memfd:x")
-    for bad in (bytearray(b"ab"), memoryview(b"ab"), None, "ab"):
+    data = bytearray(b"abcd")
+    tap.tx(data)
+    tap.rx(memoryview(b"wxyz")[1:])
+    data[:] = b"ZZZZ"                          # recorded as it was at the call
+    tr.record(0, DIR_INBOUND, bytearray(b"ef"))
+    for bad in (None, "ab", 3):
         with pytest.raises(TypeError):
             tap.tx(bad)
-    tr.record(0, DIR_INBOUND, bytearray(b"ab"))  # record() copies whatever it is given
-    assert tr.pending == 1
+        with pytest.raises(TypeError):
+            tr.record(0, DIR_INBOUND, bad)
+    assert tr.pending == 3
     tr.close()
+    _, packets = read_capture(io.BytesIO(f.getvalue()))
+    assert [(p.data, p.direction) for p in packets] == [
+        (b"abcd", DIR_OUTBOUND), (b"xyz", DIR_INBOUND), (b"ef", DIR_INBOUND)]

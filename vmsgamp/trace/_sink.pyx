@@ -34,6 +34,14 @@ cdef inline void _le32(uint8_t *p, uint32_t v) noexcept:
     p[3] = v >> 24
 
 
+cdef inline bytes _as_bytes(object data):
+    # The bus hands over bytes; anything else bytes-like is copied (a tap
+    # never breaks a bus over a type), anything else is a TypeError.
+    if type(data) is bytes:
+        return <bytes>data
+    return bytes(memoryview(data))
+
+
 cdef inline uint64_t _now_ns() noexcept:
     cdef timespec ts
     clock_gettime(CLOCK_REALTIME, &ts)    # what time.time_ns() reads
@@ -94,10 +102,11 @@ cdef class EpbSink:
         self.recorded += 1
         return 0
 
-    def record(self, uint32_t interface, uint32_t direction, bytes data not None, time_ns=None) -> None:
-        """Add one message (``direction``: the EPB flags' direction bits;
-        ``time_ns`` defaults to now)."""
-        self.add(interface, direction & 3, data, _now_ns() if time_ns is None else <uint64_t>time_ns)
+    def record(self, uint32_t interface, uint32_t direction, data, time_ns=None) -> None:
+        """Add one message (bytes-like; ``direction``: the EPB flags'
+        direction bits; ``time_ns`` defaults to now)."""
+        self.add(interface, direction & 3, _as_bytes(data),
+                 _now_ns() if time_ns is None else <uint64_t>time_ns)
 
     def take(self):
         """Everything recorded since the last take, as ``(bytearray, count)``
@@ -115,8 +124,9 @@ cdef class EpbSink:
 
 
 cdef class SinkTap:
-    """One bus endpoint's ``tx(data)`` / ``rx(data)`` (bytes only) into a
-    sink, with the EPB direction of each; counts what it recorded."""
+    """One bus endpoint's ``tx(data)`` / ``rx(data)`` into a sink, with the
+    EPB direction of each; counts what it recorded.  ``data``: bytes (any
+    other bytes-like object is copied first)."""
 
     cdef EpbSink _sink
     cdef uint32_t _interface, _tx_dir, _rx_dir
@@ -143,10 +153,10 @@ cdef class SinkTap:
     def rx_direction(self) -> int:
         return self._rx_dir
 
-    def tx(self, bytes data not None) -> None:
-        self._sink.add(self._interface, self._tx_dir, data, _now_ns())
+    def tx(self, data) -> None:
+        self._sink.add(self._interface, self._tx_dir, _as_bytes(data), _now_ns())
         self.tx_count += 1
 
-    def rx(self, bytes data not None) -> None:
-        self._sink.add(self._interface, self._rx_dir, data, _now_ns())
+    def rx(self, data) -> None:
+        self._sink.add(self._interface, self._rx_dir, _as_bytes(data), _now_ns())
         self.rx_count += 1

@@ -51,7 +51,8 @@ def _noop(data: bytes) -> None:
 
 class BusTap:
     """What a bus calls per message: ``tx(data)`` for each message it sent,
-    ``rx(data)`` for each it received.  ``data`` must be ``bytes``.  The
+    ``rx(data)`` for each it received.  ``data``: ``bytes`` (other bytes-like
+    objects are copied first).  The
     direction in the capture follows the bus's role (a driver's tx is
     outbound, a device's tx is inbound)."""
 
@@ -135,7 +136,7 @@ class Tracer:
 
     def record(self, interface: int, direction: int, data: bytes, time_ns: int | None = None) -> None:
         """Add one message (``direction``: DIR_OUTBOUND or DIR_INBOUND)."""
-        self._sink.record(interface, direction & 3, bytes(data), time_ns)
+        self._sink.record(interface, direction & 3, data, time_ns)
         self._recorded[(interface, direction & 3)] += 1
 
     # ---- writing ---------------------------------------------------------------------
