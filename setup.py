@@ -27,7 +27,9 @@ class build_py_with_csrc(build_py):
 
 def extensions():
     exts = []
-    for pyx in sorted(glob.glob(os.path.join("vmsgamp", "_core", "**", "*.pyx"), recursive=True)):
+    pyxs = glob.glob(os.path.join("vmsgamp", "_core", "**", "*.pyx"), recursive=True)
+    pyxs += glob.glob(os.path.join("vmsgamp", "trace", "*.pyx"))   # the tracer's hot path
+    for pyx in sorted(pyxs):
         name = pyx[:-4].replace(os.sep, ".")
         exts.append(
             Extension(

@@ -4,11 +4,15 @@ from __future__ import annotations
 import io
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from vmsgamp.devices.rng import RngDevice
 from vmsgamp.protocol import PingRequest, decode, encode
 from vmsgamp.testing.amp import amp_pair
 from vmsgamp.trace import DIR_INBOUND, DIR_OUTBOUND, Tracer, interface_name, read_capture
+from vmsgamp.trace._pcapng import encode_packets
+from vmsgamp.trace._sink import EpbSink
 
 
 def _by_iface(path):
@@ -100,7 +104,7 @@ def test_flushed_capture_is_readable_while_open_and_close_is_idempotent(tmp_path
     tr.close()
     tr.close()
     tap.tx(msg)                               # a closed tracer's taps do nothing
-    assert not tr._queue
+    assert tr.pending == 0
     assert tr.summary() == {"file": str(path), "messages": 1000, "driver_to_device": 1000,
                             "device_to_driver": 0}
     with pytest.raises(ValueError, match="closed"):
@@ -148,3 +152,97 @@ def test_a_malformed_slot_is_in_the_capture_as_it_was_read(tmp_path):
     got = _dir(packets, DIR_OUTBOUND)
     assert len(got) == 2 and len(got[0]) == dev.slot_size and got[1] == ping
     peer.release()
+
+
+# ---- the hot path: encoded by the tap, handed over whole to the writer -------------------
+
+_MESSAGES = st.lists(st.tuples(st.integers(0, 40), st.integers(0, 3), st.binary(max_size=300),
+                               st.integers(0, 2**64 - 1)), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_MESSAGES)
+def test_the_sink_encodes_exactly_as_the_reference_encoder(messages):
+    """EpbSink (C) against encode_packets (pure Python, the oracle)."""
+    sink = EpbSink()
+    for iface, direction, data, ts in messages:
+        sink.record(iface, direction, data, ts)
+    ref = bytearray()
+    encode_packets([(ts, iface << 2 | direction, data) for iface, direction, data, ts in messages], ref)
+    assert sink.pending == len(messages) and sink.pending_bytes == len(ref)
+    buf, count = sink.take()
+    assert (bytes(buf), count) == (bytes(ref), len(messages))
+    assert (sink.pending, sink.pending_bytes, sink.take()) == (0, 0, (bytearray(), 0))
+
+
+def test_taps_encode_as_they_record_and_the_writer_writes_each_buffer_whole():
+    """The writer thread shares the GIL with the bus thread: the taps leave
+    it nothing to do per message.  By the time tx/rx return the message is
+    an encoded block; a flush is one write() of the buffer as taken (the
+    Python writer encoded 512 messages per write while the bus waited)."""
+    class Recorder(io.BytesIO):
+        def __init__(self):
+            super().__init__()
+            self.writes = []
+
+        def write(self, b):
+            self.writes.append(len(b))
+            return super().write(b)
+
+    f = Recorder()
+    tr = Tracer(f, background=False)
+    tap = tr.tap("memfd:hot", role="driver")
+    f.writes.clear()
+    sizes = [12 + i % 50 for i in range(3000)]
+    expect = 0
+    for i, n in enumerate(sizes):
+        (tap.tx if i % 3 else tap.rx)(bytes(n))
+        expect += 44 + n + (-n & 3)
+    assert tr.pending == 3000 and tr._sink.pending_bytes == expect
+    assert tr.flush() == 3000 and f.writes == [expect] and tr.flushes == 1
+    assert tr.flush() == 0 and f.writes == [expect]          # nothing pending: no write
+    _, packets = read_capture(io.BytesIO(f.getvalue()))
+    assert [len(p.data) for p in packets] == sizes
+    assert [p.direction for p in packets] == [DIR_OUTBOUND if i % 3 else DIR_INBOUND for i in range(3000)]
+    assert tr.counts == {(0, DIR_OUTBOUND): 2000, (0, DIR_INBOUND): 1000}
+    tr.close()
+
+
+def test_a_buffer_taken_by_the_writer_is_never_written_again():
+    """take() hands the bytearray over: records after it go to a new one,
+    even while the old one is still being written (exported)."""
+    sink = EpbSink()
+    for i in range(2000):                     # past the first buffer's size: it grows
+        sink.record(0, 2, bytes(100), i)
+    first, n = sink.take()
+    assert n == 2000
+    before = bytes(first)
+    with memoryview(first):                   # the writer's write() in progress
+        for i in range(3000):
+            sink.record(1, 1, b"\xff" * 100, i)
+    assert bytes(first) == before
+    second, m = sink.take()
+    assert m == 3000 and len(second) == 3000 * 144 and second[:4] == b"\x06\x00\x00\x00"
+
+
+def test_taps_take_any_bytes_like_object_and_nothing_else():
+    """A tap never breaks the bus over a type: bytes-likes are copied; what
+    is not bytes-like is refused before anything is recorded."""
+    f = io.BytesIO()
+    tr = Tracer(f, background=False)
+    tap = tr.tap("memfd:x")
+    data = bytearray(b"abcd")
+    tap.tx(data)
+    tap.rx(memoryview(b"wxyz")[1:])
+    data[:] = b"ZZZZ"                          # recorded as it was at the call
+    tr.record(0, DIR_INBOUND, bytearray(b"ef"))
+    for bad in (None, "ab", 3):
+        with pytest.raises(TypeError):
+            tap.tx(bad)
+        with pytest.raises(TypeError):
+            tr.record(0, DIR_INBOUND, bad)
+    assert tr.pending == 3
+    tr.close()
+    _, packets = read_capture(io.BytesIO(f.getvalue()))
+    assert [(p.data, p.direction) for p in packets] == [
+        (b"abcd", DIR_OUTBOUND), (b"xyz", DIR_INBOUND), (b"ef", DIR_INBOUND)]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import io
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -115,6 +115,7 @@ def interface_block(iface: Interface) -> bytes:
 # data length: padding, the epb_flags option, opt_endofopt, the trailing
 # length.  Cached by (length << 2 | direction).
 _TAILS: dict[int, bytes] = {}
+_CACHE_MAX = 4096   # distinct (length, direction) pairs kept; a message is at most one slot
 
 
 def _tail(direction: int, n: int) -> bytes:
@@ -124,24 +125,38 @@ def _tail(direction: int, n: int) -> bytes:
         total = 44 + n + (-n & 3)
         tail = (bytes(-n & 3) + struct.pack("<HHI", _EPB_FLAGS, 4, direction) + bytes(4)
                 + _U32.pack(total))
-        if len(_TAILS) < 4096:
+        if len(_TAILS) < _CACHE_MAX:
             _TAILS[key] = tail
     return tail
+
+
+# A whole EPB in one struct call (head, data, tail): what the writer thread
+# does per message while it holds the GIL, so it is kept to one call.
+# Cached by (length << 2 | direction): (pack, total length, tail).
+_WHOLE: dict[int, tuple[Callable[..., bytes], int, bytes]] = {}
+
+
+def _whole(direction: int, n: int) -> tuple[Callable[..., bytes], int, bytes]:
+    key = n << 2 | direction
+    entry = _WHOLE.get(key)
+    if entry is None:
+        tail = _tail(direction, n)
+        entry = (struct.Struct(f"<7I{n}s{len(tail)}s").pack, 44 + n + (-n & 3), tail)
+        if len(_WHOLE) < _CACHE_MAX:
+            _WHOLE[key] = entry
+    return entry
 
 
 def encode_packets(items: Iterable[tuple[int, int, bytes]], out: bytearray) -> int:
     """Append one EPB per ``(time_ns, key, data)`` to ``out``; ``key`` is
     ``interface << 2 | direction`` and ``time_ns`` below 2**64.  Returns how
     many were encoded."""
-    pack = _EPB_HEAD.pack
-    tails = _TAILS
+    whole = _WHOLE
     count = 0
     for ts, key, data in items:
         n = len(data)
-        tail = tails.get(n << 2 | (key & 3)) or _tail(key & 3, n)
-        out += pack(_EPB, 44 + n + (-n & 3), key >> 2, ts >> 32, ts & 0xFFFFFFFF, n, n)
-        out += data
-        out += tail
+        pack, total, tail = whole.get(n << 2 | (key & 3)) or _whole(key & 3, n)
+        out += pack(_EPB, total, key >> 2, ts >> 32, ts & 0xFFFFFFFF, n, n, data, tail)
         count += 1
     return count
 

@@ -1,26 +1,33 @@
 """Tracer: record every message a bus sends and receives, to pcapng.
 
 The hot path (``BusTap.tx`` / ``BusTap.rx``, called by :class:`AmpBus` for each
-message) only appends ``(time_ns, key, bytes)`` to a deque; a writer thread
-wakes every ``flush_interval`` seconds, encodes what piled up into Enhanced
-Packet Blocks in one go and writes them with one ``write()``.  So a message
-costs a clock read and an append on the bus thread, and the file is at most
-``flush_interval`` behind (a killed process loses at most that much).
+message) is C (:mod:`vmsgamp.trace._sink`): it reads the clock and appends the
+message as a finished Enhanced Packet Block to a buffer.  A writer thread
+wakes every ``flush_interval`` seconds, takes the buffer (O(1)) and writes
+it; the GIL is released while it writes.  So a message costs the bus thread
+well under a microsecond, the writer does no work per message, and the file
+is at most ``flush_interval`` behind (a killed process loses at most that
+much).
+
+Why the encoding is not the writer's: the writer shares the GIL with the bus
+thread, which needs it back each time its spin (GIL released) sees a
+message.  A Python writer encoding 0.1 s of traffic held the GIL for
+milliseconds (about 0.4 us per message), and giving it back between chunks
+did not help: a thread that releases the GIL and asks again at once (a
+``write()``) gets it back before the woken bus thread does, so the bus waited
+for most of the batch.  Encoding in small slices with sleeps in between
+spread the same CPU time over many more wake-ups and measured worse on a
+2-core host, where the writer takes its CPU from a spinning bus loop.
 """
 from __future__ import annotations
 
 import os
 import threading
-import time
-from collections import Counter, deque
-from operator import itemgetter
+from collections import Counter
 from typing import BinaryIO
 
-from vmsgamp.trace._pcapng import (
-    DESCRIPTIONS, DIR_INBOUND, DIR_OUTBOUND, Interface, PcapngWriter, encode_packets,
-)
-
-_CHUNK = 512     # messages encoded per write()
+from vmsgamp.trace._pcapng import DESCRIPTIONS, DIR_INBOUND, DIR_OUTBOUND, Interface, PcapngWriter
+from vmsgamp.trace._sink import EpbSink, SinkTap
 
 # Region URI options that only matter when creating the object: two ends of
 # one bus name it the same way in their captures.
@@ -44,33 +51,30 @@ def _noop(data: bytes) -> None:
 
 class BusTap:
     """What a bus calls per message: ``tx(data)`` for each message it sent,
-    ``rx(data)`` for each it received.  ``data`` must be ``bytes``.  The
+    ``rx(data)`` for each it received.  ``data``: ``bytes`` (other bytes-like
+    objects are copied first).  The
     direction in the capture follows the bus's role (a driver's tx is
     outbound, a device's tx is inbound)."""
 
-    __slots__ = ("tracer", "interface", "role", "tx", "rx")
+    __slots__ = ("tracer", "interface", "role", "tx", "rx", "_sink_tap")
 
     def __init__(self, tracer: Tracer, interface: int, role: str):
         self.tracer = tracer
         self.interface = interface
         self.role = role
         out_dir, in_dir = (DIR_OUTBOUND, DIR_INBOUND) if role == "driver" else (DIR_INBOUND, DIR_OUTBOUND)
-        append = tracer._queue.append
-        now = time.time_ns
-        ktx = interface << 2 | out_dir
-        krx = interface << 2 | in_dir
-
-        def tx(data: bytes) -> None:
-            append((now(), ktx, data))
-
-        def rx(data: bytes) -> None:
-            append((now(), krx, data))
-
-        self.tx = tx
-        self.rx = rx
+        # The bus calls the C methods directly: no Python frame per message.
+        self._sink_tap = SinkTap(tracer._sink, interface, out_dir, in_dir)
+        self.tx = self._sink_tap.tx
+        self.rx = self._sink_tap.rx
 
     def disable(self) -> None:
         self.tx = self.rx = _noop
+
+    def counts(self) -> dict[tuple[int, int], int]:
+        """Messages this tap recorded: (interface, direction) -> count."""
+        t = self._sink_tap
+        return {(t.interface, t.tx_direction): t.tx_count, (t.interface, t.rx_direction): t.rx_count}
 
 
 class Tracer:
@@ -87,12 +91,13 @@ class Tracer:
         self._writer = PcapngWriter(file, application=application)
         self.path = self._writer.path
         self.flush_interval = flush_interval
-        self._queue: deque[tuple[int, int, bytes]] = deque()
+        self._sink = EpbSink()   # messages recorded, already encoded, not yet written
         self._lock = threading.Lock()          # one writer at a time: the thread, flush(), close()
         self._ifaces: dict[tuple[str, str, str], int] = {}
         self._taps: list[BusTap] = []
-        self.counts: dict[tuple[int, int], int] = {}   # (interface, direction) -> packets written
-        self.written = 0
+        self._recorded: Counter[tuple[int, int]] = Counter()   # by record(): (interface, direction)
+        self.written = 0         # messages written to the file
+        self.flushes = 0         # buffers written (each one take() and one write())
         self.closed = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -131,28 +136,19 @@ class Tracer:
 
     def record(self, interface: int, direction: int, data: bytes, time_ns: int | None = None) -> None:
         """Add one message (``direction``: DIR_OUTBOUND or DIR_INBOUND)."""
-        self._queue.append((time.time_ns() if time_ns is None else time_ns,
-                            interface << 2 | (direction & 3), bytes(data)))
+        self._sink.record(interface, direction & 3, data, time_ns)
+        self._recorded[(interface, direction & 3)] += 1
 
     # ---- writing ---------------------------------------------------------------------
     def _write_pending(self) -> int:
-        """Encode and write everything queued (caller holds the lock)."""
-        q = self._queue
-        total = 0
-        pop = q.popleft        # taps only append meanwhile: len(q) items are there
-        while q:
-            # In chunks: each write() releases the GIL, so a bus thread waiting
-            # for it is not held up for a whole second's worth of encoding.
-            items = [pop() for _ in range(min(len(q), _CHUNK))]
-            out = bytearray()
-            encode_packets(items, out)
-            self._writer.write_encoded(out)
-            for key, n in Counter(map(itemgetter(1), items)).items():
-                k = (key >> 2, key & 3)
-                self.counts[k] = self.counts.get(k, 0) + n
-            self.written += len(items)
-            total += len(items)
-        return total
+        """Write everything recorded so far (caller holds the lock)."""
+        if not self._sink.pending:
+            return 0
+        buf, n = self._sink.take()
+        self._writer.write_encoded(buf)
+        self.written += n
+        self.flushes += 1
+        return n
 
     def flush(self) -> int:
         """Write what is pending now; returns the number of packets written."""
@@ -165,7 +161,7 @@ class Tracer:
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_interval):
-            if self._queue:
+            if self._sink.pending:
                 try:
                     self.flush()
                 except (OSError, ValueError):
@@ -195,8 +191,23 @@ class Tracer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @property
+    def pending(self) -> int:
+        """Messages recorded and not yet written."""
+        return self._sink.pending
+
+    @property
+    def counts(self) -> dict[tuple[int, int], int]:
+        """Messages recorded so far (all written after flush() or close()):
+        (interface, direction) -> count."""
+        total: Counter[tuple[int, int]] = Counter(self._recorded)
+        for tap in self._taps:
+            total.update(tap.counts())
+        return {k: n for k, n in total.items() if n}
+
     def summary(self) -> dict[str, object]:
-        """Packets written so far, per direction (after a flush or close)."""
+        """``messages``: packets written so far; per direction: packets
+        recorded (the same after a flush or close, unless writing failed)."""
         out = sum(n for (_i, d), n in self.counts.items() if d == DIR_OUTBOUND)
         inn = sum(n for (_i, d), n in self.counts.items() if d == DIR_INBOUND)
         return {"file": self.path, "messages": self.written, "driver_to_device": out,
