@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vmsgamp._core.fifo import MsgFifo
-from vmsgamp.bus._wait import WaitPolicy, Waiter
+from vmsgamp.bus._wait import SPIN_SLICE_S, WaitPolicy, Waiter
 from vmsgamp.errors import BadMessageSize, FifoBrokenError, PeerStateError, VmsgampError
 from vmsgamp.protocol import (
     BusMsgId, Connection, Event, Message, PingRequest, RequestTimedOut, ResponseReceived, TransportMsgId,
@@ -241,6 +241,23 @@ class AmpBus:
         except FifoBrokenError as e:
             return self._broken(e)
         return []
+
+    def await_reply(self) -> None:
+        """Right after sending a request: spin on the FIFO (in C, without
+        the GIL) for up to the wait policy's spin window, returning the
+        moment a message lands.  The caller's ``poll()`` then finds it
+        ready: the answer is met at once instead of after the waiter's
+        bookkeeping.  Nothing happens with a policy that does not spin."""
+        policy = self.waiter.policy
+        spin = SPIN_SLICE_S if policy.busy_poll else policy.spin_us * 1e-6
+        if spin <= 0 or not self.up:
+            return
+        fifo = self.fifo
+        try:
+            fifo.spin_ns = _SPIN_ALWAYS_NS
+            fifo.wait_readable(spin)
+        except (PeerStateError, FifoBrokenError):
+            pass   # the caller's next poll() meets the same state and ends the session
 
     @property
     def wait_policy(self) -> WaitPolicy:

@@ -202,6 +202,8 @@ class AmpDriver:
         lost = self.bus.send(msg, timeout=timeout)
         if lost:
             self.dispatch(lost)
+        elif self.conn.pending_requests() == 1:   # ours went out (none queued before it)
+            self.bus.await_reply()
         ev = self._wait_answer(msg.__class__, msg.dev_num, timeout + 1.0)
         if ev.__class__ is ResponseReceived:
             return ev.response
@@ -273,6 +275,8 @@ class AmpDriver:
         lost = bus.transmit(out)
         if lost:
             self.dispatch(lost)
+        else:
+            bus.await_reply()
         deadline = now + timeout + 1.0
         while conn.ping_pending:
             if not bus.up:
