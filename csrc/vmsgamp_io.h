@@ -141,7 +141,8 @@ static inline void vm_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEA
 /* Hints that a shared line will be read (or written) soon, so it can move
  * from the peer's cache while we do other work: a per-message caller (Python)
  * does too much between two messages for the CPU to overlap the next slot's
- * miss on its own.  No effect on memory order, never faults. */
+ * miss on its own.  No effect on memory order, never faults.  The write hint
+ * is a plain prefetch unless the build targets a CPU with PREFETCHW. */
 static inline void vm_prefetch_read(const volatile void *p) { __builtin_prefetch((const void *)p, 0, 3); }
 static inline void vm_prefetch_write(volatile void *p) { __builtin_prefetch((const void *)p, 1, 3); }
 
