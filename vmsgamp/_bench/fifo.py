@@ -242,10 +242,18 @@ def rtt(profile: str, iters: int, cpus, *, blocking: bool, spin_us: float, keep_
 # ---- the Python call floor and the C reference --------------------------------------------
 
 
-def call_floor_ns(n: int = 200_000, repeat: int = 7) -> float:
-    """ns per iteration of ``while not f(): pass`` with ``f`` an empty method
-    on a compiled object: the per-message send loop minus the work."""
+def call_floor_ns(n: int = 200_000, repeat: int = 7, *, one_arg: bool = False) -> float:
+    """ns per iteration of ``while i < n: f(); i += 1`` with ``f`` an empty
+    method on a compiled object: the per-message send loop minus the work.
+
+    ``one_arg``: the same loop around ``callable(buf)`` instead, CPython's
+    cheapest call shape (a one-argument METH_O builtin, called without an
+    argument array) with next to nothing inside.  try_send and try_recv are
+    METH_O calls too, so this is the floor of their call itself; the default
+    (a Cython method with keyword parsing) is the floor the targets use."""
     ring = PollingDoorbell().ring  # Cython: def ring(self): pass
+    buf = bytearray(MSG_SIZE)
+    empty_o = callable  # METH_O: one pointer test, returns False
 
     def loop(count: int) -> None:
         i = 0
@@ -253,10 +261,17 @@ def call_floor_ns(n: int = 200_000, repeat: int = 7) -> float:
             ring()
             i += 1
 
+    def loop_o(count: int) -> None:
+        i = 0
+        while i < count:
+            empty_o(buf)
+            i += 1
+
+    run = loop_o if one_arg else loop
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter_ns()
-        loop(n)
+        run(n)
         best = min(best, (time.perf_counter_ns() - t0) / n)
     return best
 
@@ -310,6 +325,7 @@ def run_suite(profile: str = "b", msgs: int = 2_000_000, rtt_iters: int = 20_000
     send_rate = _throughput(profile, msgs, cpu_pair, burst=False)
     with harness.pinned(cpu_pair[0]):
         floor = call_floor_ns()
+        floor_o = call_floor_ns(one_arg=True)
     c_rate = c_send_msgs_per_s(c_msgs, cpu_pair) if c_msgs else None
     out = {
         "profile": profile,
@@ -332,6 +348,7 @@ def run_suite(profile: str = "b", msgs: int = 2_000_000, rtt_iters: int = 20_000
         "seq_checked": True,
     }
     out.update(per_message_breakdown(send_rate, floor, c_rate))
+    out["call_floor_meth_o_ns"] = floor_o  # information: see call_floor_ns
     if c_rate:
         out["c_send_msgs_per_s"] = c_rate
     if samples:
@@ -358,8 +375,11 @@ def verdicts(r: Result) -> list[Result]:
 def _breakdown_text(r: Result) -> str:
     if r.get("c_per_msg_ns") is None:
         return f"{r['per_msg_ns']:.1f} ns per message, call floor {r['call_floor_ns']:.1f} ns; C reference not built"
-    return (f"{r['per_msg_ns']:.1f} ns = floor {r['call_floor_ns']:.1f} + C {r['c_per_msg_ns']:.1f} "
+    text = (f"{r['per_msg_ns']:.1f} ns = floor {r['call_floor_ns']:.1f} + C {r['c_per_msg_ns']:.1f} "
             f"+ overhead {r['overhead_ns']:.1f}")
+    if r.get("call_floor_meth_o_ns") is not None:
+        text += f" (one-argument METH_O call floor {r['call_floor_meth_o_ns']:.1f})"
+    return text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
