@@ -162,10 +162,10 @@ def _throughput(profile: str, msgs: int, cpus, burst: bool) -> float:
         else:
             m = _msg()
             w = _words(m)
-            send = fifo.try_send
+            send, k = fifo.try_send, SEQ_WORD  # locals: no global lookup per message
             seq = 0
             while seq < msgs:
-                w[SEQ_WORD] = seq
+                w[k] = seq
                 if send(m):
                     seq += 1
         return {"start_ns": t0}
@@ -177,10 +177,10 @@ def _throughput(profile: str, msgs: int, cpus, burst: bool) -> float:
         else:
             buf = bytearray(MSG_SIZE)
             w = _words(buf)
-            recv = fifo.try_recv
+            recv, k = fifo.try_recv, SEQ_WORD
             while got < msgs:
                 if recv(buf):
-                    if w[SEQ_WORD] != got:
+                    if w[k] != got:
                         errors += 1
                     got += 1
         return {"end_ns": harness.now_ns(), "got": got, "errors": errors}
