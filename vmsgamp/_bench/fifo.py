@@ -9,12 +9,14 @@ from a real two-process run; ``--runs N`` reports medians.
 The work per message is the C reference's (``bench/c/spsc_ref.c``): the
 sender writes a sequence number into every message (bytes 8..15, after a
 valid G2 header), the receiver checks every one and the run fails on any
-mismatch; bursts are at most 32 messages per call on both sides; the echo
-side of a round trip sends back the bytes it received.
+mismatch; bursts are at most 32 messages per call on both sides (one
+vector operation per burst stamps or checks its numbers: _produce_bursts);
+the echo side of a round trip sends back the bytes it received.
 
 The Python call floor is measured in the same run: an empty method call on
 a compiled object (``PollingDoorbell.ring``), in the same loop shape as the
-per-message sends.  When the C reference can be built (a checkout with
+per-message sends; for information also the floor of try_send's own call
+shape (a one-argument METH_O call, ``callable(buf)``).  When the C reference can be built (a checkout with
 gcc), its per-message send runs too and the per-message cost is reported
 as floor + C + overhead, against the target "per-message API <= 1.3 x
 (floor + C per-message cost)".
