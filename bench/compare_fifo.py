@@ -188,6 +188,10 @@ def add_breakdown(run: dict[str, Result]) -> None:
     c_ns = 1e9 / c["send_msgs_per_s"]
     v.update(per_msg_ns=per_msg, c_per_msg_ns=c_ns, overhead_ns=per_msg - v["call_floor_ns"] - c_ns,
              per_msg_vs_floor_plus_c=per_msg / (v["call_floor_ns"] + c_ns))
+    # Information: the same against the floor of try_send's own call shape
+    # (a one-argument METH_O call; vmsgamp._bench.fifo.call_floor_ns).
+    if v.get("call_floor_meth_o_ns"):
+        v["per_msg_vs_meth_o_floor_plus_c"] = per_msg / (v["call_floor_meth_o_ns"] + c_ns)
 
 
 # ---- Python mechanisms ------------------------------------------------------
@@ -765,6 +769,13 @@ def evaluate_targets(medians: dict[str, Result], ratios: dict[str, Result]) -> l
           v.get("per_msg_vs_floor_plus_c"), 1.3, False, "x"),
     ]
     out = [{**asdict(t), "status": t.status} for t in targets]
+    meth_o = v.get("per_msg_vs_meth_o_floor_plus_c")
+    if meth_o is not None:
+        out.append({
+            "text": "per-message cost / (one-argument METH_O call floor + C per-message cost) "
+                    "(info: try_send's own call shape)",
+            "value": meth_o, "limit": None, "at_least": None, "unit": "x", "status": "info",
+        })
     # The issue gives no number for spin-then-block, only "matches busy-poll
     # when the peer answers within the spin window": shown for information.
     spin = ratio("spin_rtt_vs_busy_rtt")
@@ -849,7 +860,10 @@ def format_table(report: Result) -> str:
     if v.get("per_msg_ns") is not None:
         lines += ["", f"vmsgamp per message: {v['per_msg_ns']:.1f} ns = Python call floor "
                       f"{v['call_floor_ns']:.1f} ns (empty method call on a compiled object) + C "
-                      f"{v['c_per_msg_ns']:.1f} ns + overhead {v['overhead_ns']:.1f} ns (medians)."]
+                      f"{v['c_per_msg_ns']:.1f} ns + overhead {v['overhead_ns']:.1f} ns (medians)"
+                      + (f"; a one-argument METH_O call (try_send's own call shape) costs "
+                         f"{v['call_floor_meth_o_ns']:.1f} ns" if v.get("call_floor_meth_o_ns") else "")
+                      + "."]
     lines += [
         "",
         f"64-byte messages with a sequence number written and checked in every one, two processes "

@@ -11,7 +11,8 @@ from vmsgamp._core.doorbell import EventfdDoorbell, PollingDoorbell
 from vmsgamp._core.fifo import MsgFifo, default_layout, read_layout, validate_layout
 from vmsgamp._core.region import Region
 from vmsgamp.errors import (
-    BadMessageSize, FifoBrokenError, HandshakeTimeout, LayoutError, PeerRestarted, PeerShutdown,
+    BadMessageSize, FifoBrokenError, FifoClosedError, HandshakeTimeout, LayoutError, PeerRestarted,
+    PeerShutdown,
 )
 from vmsgamp.testing.fifo_model import PyFifoPeer, make_msg
 
@@ -27,6 +28,54 @@ def test_round_trip_both_directions(fifo_pair):
         assert drv.recv(buf, timeout=1) == size and bytes(buf[:size]) == m
     assert dev.try_recv(buf) == 0 and drv.try_recv(buf) == 0
 
+
+
+def test_per_message_calls_take_every_buffer_kind(fifo_pair):
+    """try_send/try_recv read bytes and bytearray from their storage and any
+    other buffer through an export; all of them carry the same message."""
+    import array
+
+    dev, drv, _ = fifo_pair
+    m = make_msg(42, 48)
+    big = bytearray(16) + bytearray(m) + bytearray(16)
+    for msg in (m, bytearray(m), memoryview(m), memoryview(big)[16:64], array.array("B", m)):
+        assert drv.try_send(msg)
+    for kind in ("bytearray", "view", "offset view", "array", "bytearray"):
+        store = bytearray(b"\xee" * 80)
+        into = {"bytearray": store, "view": memoryview(store), "offset view": memoryview(store)[8:],
+                "array": array.array("B", bytes(80))}[kind]
+        assert dev.try_recv(into) == 48, kind
+        got = bytes(into)[:48] if kind != "offset view" else bytes(store[8:56])
+        assert got == m, kind
+        if kind == "bytearray":
+            assert store[48:] == b"\xee" * 32  # only the message's own bytes are written
+    assert dev.try_recv(bytearray(64)) == 0
+    # An empty or too-small bytearray: nothing written, the message stays queued.
+    assert drv.try_send(m)
+    for small in (bytearray(), bytearray(47)):
+        with pytest.raises(ValueError, match="smaller"):
+            dev.try_recv(small)
+    with pytest.raises(BufferError):
+        dev.try_recv(b"\0" * 64)  # read-only
+    assert dev.try_recv(bytearray(64)) == 48
+    with pytest.raises(TypeError):
+        drv.try_send(12)  # not a buffer
+    # Positional only (the .pyi says so): one-argument calls without keyword parsing.
+    with pytest.raises(TypeError):
+        drv.try_send(buf=m)
+
+
+def test_per_message_calls_after_close(fifo_pair):
+    dev, drv, _ = fifo_pair
+    drv.close()
+    with pytest.raises(FifoClosedError):
+        drv.try_send(make_msg(1))
+    with pytest.raises(FifoClosedError):
+        drv.try_recv(bytearray(64))
+    with pytest.raises(FifoClosedError):
+        drv.recv(bytearray(64), timeout=0)
+    with pytest.raises(FifoClosedError):
+        drv.send(make_msg(1), timeout=0)
 
 def test_capacity_is_n_minus_one_and_burst(fifo_pair):
     dev, drv, _ = fifo_pair

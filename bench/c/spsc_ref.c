@@ -269,15 +269,19 @@ static void signal_ready(struct control *ctl)
     atomic_store_explicit(&ctl->child_ready, 1, memory_order_release);
 }
 
+/* The sequence number sits in bytes 8..15, where every Python mechanism of
+ * the comparison puts it (after an 8-byte message header). */
+#define SEQ_OFF 8
+
 static void fill_msg(unsigned char *msg, uint64_t seq)
 {
-    memcpy(msg, &seq, sizeof(seq));
+    memcpy(msg + SEQ_OFF, &seq, sizeof(seq));
 }
 
 static uint64_t msg_seq(const unsigned char *msg)
 {
     uint64_t seq;
-    memcpy(&seq, msg, sizeof(seq));
+    memcpy(&seq, msg + SEQ_OFF, sizeof(seq));
     return seq;
 }
 

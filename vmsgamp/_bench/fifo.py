@@ -9,12 +9,14 @@ from a real two-process run; ``--runs N`` reports medians.
 The work per message is the C reference's (``bench/c/spsc_ref.c``): the
 sender writes a sequence number into every message (bytes 8..15, after a
 valid G2 header), the receiver checks every one and the run fails on any
-mismatch; bursts are at most 32 messages per call on both sides; the echo
-side of a round trip sends back the bytes it received.
+mismatch; bursts are at most 32 messages per call on both sides (one
+vector operation per burst stamps or checks its numbers: _produce_bursts);
+the echo side of a round trip sends back the bytes it received.
 
 The Python call floor is measured in the same run: an empty method call on
 a compiled object (``PollingDoorbell.ring``), in the same loop shape as the
-per-message sends.  When the C reference can be built (a checkout with
+per-message sends; for information also the floor of try_send's own call
+shape (a one-argument METH_O call, ``callable(buf)``).  When the C reference can be built (a checkout with
 gcc), its per-message send runs too and the per-message cost is reported
 as floor + C + overhead, against the target "per-message API <= 1.3 x
 (floor + C per-message cost)".
@@ -92,28 +94,80 @@ def _run(profile: str, cpus, parent_work, child_work, *, blocking=False, spin_us
         db.close()
 
 
+# ---- bursts: the sequence numbers, one vector operation per burst on each side -------------
+#
+# C stamps message i of a burst with seq + i before each send_burst call and
+# checks every received number against a running counter.  Python's closest
+# equivalent of that compiled inner loop is one vector operation per burst:
+# the sender adds the number the previous call sent to every stamp in its
+# block in place (so message i carries seq + i, as C restamps it), and the
+# receiver compares the received numbers with an expected column in one
+# C-level comparison of two strided views, then advances the expected column
+# by the count received.  Every message is still written and checked.
+#
+# One numpy call per burst and side is the least Python can do here (numpy
+# has a fixed cost of about half a microsecond per call, whatever its size),
+# so everything else is made once: the uint64 step for every possible count,
+# the views for every short burst.
+
+
+def _seq_column(buf: bytearray) -> np.ndarray:
+    """The sequence-number word of every message in ``buf``, writable in place."""
+    return np.frombuffer(buf, dtype=np.uint64)[SEQ_WORD::MSG_SIZE // 8]
+
+
+_STEPS = [np.uint64(k) for k in range(BURST + 1)]
+
+
+def _produce_bursts(fifo, msgs: int) -> None:
+    block = bytearray(_msg() * BURST)
+    stamps = _seq_column(block)
+    short = [memoryview(block)[:k * MSG_SIZE] for k in range(BURST)]  # the tail, < one burst
+    send_burst, add, steps = fifo.send_burst, np.add, _STEPS
+    stamps[:] = np.arange(BURST, dtype=np.uint64)  # message i of the first burst: i
+    seq = n = 0
+    while seq < msgs:
+        if n:
+            add(stamps, steps[n], stamps)  # the first unsent message now carries seq
+        left = msgs - seq
+        n = send_burst(block if left >= BURST else short[left], MSG_SIZE)
+        seq += n
+
+
+def _consume_bursts(fifo, msgs: int) -> tuple[int, int]:
+    buf = bytearray(MSG_SIZE * BURST)
+    expect = bytearray(MSG_SIZE * BURST)
+    want = _seq_column(expect)
+    want[:] = np.arange(BURST, dtype=np.uint64)  # expected: got + i for message i
+    # 64-bit words, so != compares the numbers in C (same native format both sides).
+    got_col = memoryview(buf).cast("Q")[SEQ_WORD::MSG_SIZE // 8]
+    want_col = memoryview(expect).cast("Q")[SEQ_WORD::MSG_SIZE // 8]
+    pairs = [(got_col[:k], want_col[:k]) for k in range(BURST + 1)]
+    recv_burst, add, steps = fifo.recv_burst, np.add, _STEPS
+    got = errors = 0
+    while got < msgs:
+        n = recv_burst(buf, BURST)
+        if n:
+            g, e = pairs[n]
+            if g != e:
+                errors += sum(a != b for a, b in zip(g, e))
+            add(want, steps[n], want)
+            got += n
+    return got, errors
+
+
 def _throughput(profile: str, msgs: int, cpus, burst: bool) -> float:
     def produce(fifo):
         t0 = harness.now_ns()
         if burst:
-            block = bytearray(_msg() * BURST)
-            seqs = np.frombuffer(block, dtype="<u8").reshape(BURST, MSG_SIZE // 8)[:, SEQ_WORD]
-            steps = np.arange(BURST, dtype=np.uint64)
-            sb = fifo.send_burst
-            seq = 0
-            while seq + BURST <= msgs:
-                np.add(steps, seq, out=seqs)  # restamped every call, as C does
-                seq += sb(block, MSG_SIZE)
-            while seq < msgs:  # the tail, smaller than one burst
-                np.add(steps, seq, out=seqs)
-                seq += sb(memoryview(block)[:(msgs - seq) * MSG_SIZE], MSG_SIZE)
+            _produce_bursts(fifo, msgs)
         else:
             m = _msg()
             w = _words(m)
-            send = fifo.try_send
+            send, k = fifo.try_send, SEQ_WORD  # locals: no global lookup per message
             seq = 0
             while seq < msgs:
-                w[SEQ_WORD] = seq
+                w[k] = seq
                 if send(m):
                     seq += 1
         return {"start_ns": t0}
@@ -121,30 +175,14 @@ def _throughput(profile: str, msgs: int, cpus, burst: bool) -> float:
     def consume(fifo):
         got = errors = 0
         if burst:
-            buf = bytearray(MSG_SIZE * BURST)
-            col = np.frombuffer(buf, dtype="<u8").reshape(BURST, MSG_SIZE // 8)[:, SEQ_WORD]
-            steps = np.arange(BURST, dtype=np.uint64)
-            expect = np.empty(BURST, dtype=np.uint64)
-            bad = np.empty(BURST, dtype=bool)
-            # Views per count, made once, so a short burst costs no slicing.
-            views = [(col[:n], steps[:n], expect[:n], bad[:n]) for n in range(BURST + 1)]
-            rb = fifo.recv_burst
-            while got < msgs:
-                n = rb(buf, BURST)
-                if n:
-                    c, s, e, b = views[n]
-                    np.add(s, got, out=e)
-                    np.not_equal(c, e, out=b)
-                    if b.any():
-                        errors += int(b.sum())
-                    got += n
+            got, errors = _consume_bursts(fifo, msgs)
         else:
             buf = bytearray(MSG_SIZE)
             w = _words(buf)
-            recv = fifo.try_recv
+            recv, k = fifo.try_recv, SEQ_WORD
             while got < msgs:
                 if recv(buf):
-                    if w[SEQ_WORD] != got:
+                    if w[k] != got:
                         errors += 1
                     got += 1
         return {"end_ns": harness.now_ns(), "got": got, "errors": errors}
@@ -206,10 +244,18 @@ def rtt(profile: str, iters: int, cpus, *, blocking: bool, spin_us: float, keep_
 # ---- the Python call floor and the C reference --------------------------------------------
 
 
-def call_floor_ns(n: int = 200_000, repeat: int = 7) -> float:
-    """ns per iteration of ``while not f(): pass`` with ``f`` an empty method
-    on a compiled object: the per-message send loop minus the work."""
+def call_floor_ns(n: int = 200_000, repeat: int = 7, *, one_arg: bool = False) -> float:
+    """ns per iteration of ``while i < n: f(); i += 1`` with ``f`` an empty
+    method on a compiled object: the per-message send loop minus the work.
+
+    ``one_arg``: the same loop around ``callable(buf)`` instead, CPython's
+    cheapest call shape (a one-argument METH_O builtin, called without an
+    argument array) with next to nothing inside.  try_send and try_recv are
+    METH_O calls too, so this is the floor of their call itself; the default
+    (a Cython method with keyword parsing) is the floor the targets use."""
     ring = PollingDoorbell().ring  # Cython: def ring(self): pass
+    buf = bytearray(MSG_SIZE)
+    empty_o = callable  # METH_O: one pointer test, returns False
 
     def loop(count: int) -> None:
         i = 0
@@ -217,10 +263,17 @@ def call_floor_ns(n: int = 200_000, repeat: int = 7) -> float:
             ring()
             i += 1
 
+    def loop_o(count: int) -> None:
+        i = 0
+        while i < count:
+            empty_o(buf)
+            i += 1
+
+    run = loop_o if one_arg else loop
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter_ns()
-        loop(n)
+        run(n)
         best = min(best, (time.perf_counter_ns() - t0) / n)
     return best
 
@@ -274,6 +327,7 @@ def run_suite(profile: str = "b", msgs: int = 2_000_000, rtt_iters: int = 20_000
     send_rate = _throughput(profile, msgs, cpu_pair, burst=False)
     with harness.pinned(cpu_pair[0]):
         floor = call_floor_ns()
+        floor_o = call_floor_ns(one_arg=True)
     c_rate = c_send_msgs_per_s(c_msgs, cpu_pair) if c_msgs else None
     out = {
         "profile": profile,
@@ -296,6 +350,7 @@ def run_suite(profile: str = "b", msgs: int = 2_000_000, rtt_iters: int = 20_000
         "seq_checked": True,
     }
     out.update(per_message_breakdown(send_rate, floor, c_rate))
+    out["call_floor_meth_o_ns"] = floor_o  # information: see call_floor_ns
     if c_rate:
         out["c_send_msgs_per_s"] = c_rate
     if samples:
@@ -322,8 +377,11 @@ def verdicts(r: Result) -> list[Result]:
 def _breakdown_text(r: Result) -> str:
     if r.get("c_per_msg_ns") is None:
         return f"{r['per_msg_ns']:.1f} ns per message, call floor {r['call_floor_ns']:.1f} ns; C reference not built"
-    return (f"{r['per_msg_ns']:.1f} ns = floor {r['call_floor_ns']:.1f} + C {r['c_per_msg_ns']:.1f} "
+    text = (f"{r['per_msg_ns']:.1f} ns = floor {r['call_floor_ns']:.1f} + C {r['c_per_msg_ns']:.1f} "
             f"+ overhead {r['overhead_ns']:.1f}")
+    if r.get("call_floor_meth_o_ns") is not None:
+        text += f" (one-argument METH_O call floor {r['call_floor_meth_o_ns']:.1f})"
+    return text
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

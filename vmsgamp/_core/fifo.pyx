@@ -27,10 +27,13 @@ from cpython.bytes cimport PyBytes_CheckExact, PyBytes_AS_STRING, PyBytes_GET_SI
 from cpython.bytearray cimport PyByteArray_CheckExact, PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE, PyBUF_WRITABLE
 from libc.stdint cimport uint8_t, uint32_t
+cimport cython
 
 from vmsgamp._core.io cimport vm_fence_seq_cst
-from vmsgamp._core.fifo_session cimport FSTATE_RUNNING
-from vmsgamp._core.fifo_ring cimport FifoRing
+from vmsgamp._core.fifo_session cimport FSTATE_RUNNING, session_enter, session_leave
+from vmsgamp._core.fifo_ring cimport (
+    FifoRing, ring_send_raw, ring_publish_tx, ring_publish_rx, ring_recv_raw, ring_notify,
+)
 
 from vmsgamp.errors import BadMessageSize
 
@@ -45,6 +48,106 @@ from vmsgamp._core.fifo_session import (  # noqa: F401
     HeaderName, LayoutName, PlacementName, Role,
 )
 from vmsgamp._core.fifo_ring import FifoRing  # noqa: F401
+
+
+# ---- the per-message steps (module-level, so they are direct C calls) -------------------
+
+cdef int _bad_msg(MsgFifo f, const char *p, size_t n) except -1:
+    cdef uint32_t msz
+    if n > f.slot_size or n < f.header_size:
+        raise ValueError(f"message of {n} bytes does not fit a {f.slot_size}-byte slot "
+                         f"with a {f.header_size}-byte header")
+    msz = (<uint8_t>p[f.msg_size_off]) | ((<uint8_t>p[f.msg_size_off + 1]) << 8)
+    raise ValueError(f"message header says msg_size {msz} but {n} bytes were given")
+
+
+cdef inline int _msg_ok(MsgFifo f, const char *p, size_t n) except -1:
+    """A message the caller hands us must fit a slot and say its own size."""
+    cdef uint32_t msz
+    if n > f.slot_size or n < f.header_size:
+        return _bad_msg(f, p, n)
+    msz = (<uint8_t>p[f.msg_size_off]) | ((<uint8_t>p[f.msg_size_off + 1]) << 8)
+    if msz < f.header_size or msz > n:
+        return _bad_msg(f, p, n)
+    return 0
+
+
+cdef inline int _send_checked(MsgFifo f, const char *p, Py_ssize_t n) except -1:
+    """Check, copy into the next slot, publish (R1), ring if needed: 1 sent, 0 full."""
+    _msg_ok(f, p, n)
+    if not ring_send_raw(f, p, n):
+        return 0
+    ring_publish_tx(f)
+    f.sent += 1
+    ring_notify(f)
+    return 1
+
+
+cdef int _send_view(MsgFifo f, object buf) except -1:
+    # Any other buffer: exported for the copy only.
+    cdef Py_buffer view
+    PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
+    try:
+        return _send_checked(f, <const char *>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+
+
+cdef int _try_send(MsgFifo f, object buf) except -1:
+    """MsgFifo.try_send: 1 sent, 0 full."""
+    session_enter(f)
+    try:
+        if f.fstate != FSTATE_RUNNING:
+            f._check_running()
+        # bytes and bytearray straight from their storage (no buffer export);
+        # the GIL stays held, so a bytearray cannot be resized under the copy.
+        if PyByteArray_CheckExact(buf):
+            return _send_checked(f, PyByteArray_AS_STRING(buf), PyByteArray_GET_SIZE(buf))
+        if PyBytes_CheckExact(buf):
+            return _send_checked(f, PyBytes_AS_STRING(buf), PyBytes_GET_SIZE(buf))
+        return _send_view(f, buf)
+    finally:
+        session_leave(f)
+
+
+cdef inline int _recv_finish(MsgFifo f, int n) except -2:
+    # Consumed slots go back to the producer (R2) also for a bad message: its
+    # size was read from our private copy before the slot was released.
+    if n > 0:
+        ring_publish_rx(f)
+        f.received += 1
+        return n
+    if n < 0:
+        ring_publish_rx(f)
+        f._raise_bad()
+    return 0
+
+
+cdef int _recv_view(MsgFifo f, object into) except -2:
+    cdef Py_buffer view
+    cdef int n
+    PyObject_GetBuffer(into, &view, PyBUF_WRITABLE)
+    try:
+        n = ring_recv_raw(f, <char *>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+    return _recv_finish(f, n)
+
+
+cdef int _try_recv(MsgFifo f, object into) except -2:
+    """MsgFifo.try_recv: the message's size, or 0 when empty."""
+    session_enter(f)
+    try:
+        if f.fstate != FSTATE_RUNNING:
+            f._check_running()
+        if f.pending_bad >= 0:
+            f._raise_bad()
+        if PyByteArray_CheckExact(into):
+            return _recv_finish(f, ring_recv_raw(f, PyByteArray_AS_STRING(into),
+                                                 PyByteArray_GET_SIZE(into)))
+        return _recv_view(f, into)
+    finally:
+        session_leave(f)
 
 
 cdef class MsgFifo(FifoRing):
@@ -90,90 +193,30 @@ cdef class MsgFifo(FifoRing):
             self._leave()
 
     # ---- per-message API -----------------------------------------------------------
+    # try_send/try_recv are the hot path of every Python caller: one METH_O
+    # call each (no keyword parsing, and CPython calls it without building
+    # an argument array), with the guards and the ring steps inline
+    # (session_enter/leave, ring_* in fifo_ring.pxd): nothing on the common
+    # path is a call through the vtable.  send/recv use the same code.
 
     cdef int _check_msg(self, const char *p, size_t n) except -1:
-        cdef uint32_t msz
-        if n > self.slot_size or n < self.header_size:
-            raise ValueError(f"message of {n} bytes does not fit a {self.slot_size}-byte slot "
-                             f"with a {self.header_size}-byte header")
-        msz = (<uint8_t>p[self.msg_size_off]) | ((<uint8_t>p[self.msg_size_off + 1]) << 8)
-        if msz < self.header_size or msz > n:
-            raise ValueError(f"message header says msg_size {msz} but {n} bytes were given")
-        return 0
+        return _msg_ok(self, p, n)
 
+    @cython.binding(False)
+    @cython.always_allow_keywords(False)
     def try_send(self, buf):
         """Queue one message if there is room; True if sent.  The peer is rung
         if it may be asleep."""
-        cdef Py_buffer view
-        cdef const char *p
-        cdef Py_ssize_t n
-        cdef int r
-        self._enter()
-        try:
-            if self.fstate != FSTATE_RUNNING:
-                self._check_running()
-            # bytes and bytearray straight from their storage (no buffer
-            # export); the GIL stays held, so a bytearray cannot be resized
-            # under the copy.
-            if PyBytes_CheckExact(buf):
-                p = PyBytes_AS_STRING(buf)
-                n = PyBytes_GET_SIZE(buf)
-                self._check_msg(p, n)
-                r = self._send_raw(p, n)
-            elif PyByteArray_CheckExact(buf):
-                p = PyByteArray_AS_STRING(buf)
-                n = PyByteArray_GET_SIZE(buf)
-                self._check_msg(p, n)
-                r = self._send_raw(p, n)
-            else:
-                PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
-                try:
-                    self._check_msg(<const char *>view.buf, view.len)
-                    r = self._send_raw(<const char *>view.buf, view.len)
-                finally:
-                    PyBuffer_Release(&view)
-            if r:
-                self._publish_tx()
-                self.sent += 1
-                self._notify()
-                return True
-            return False
-        finally:
-            self._leave()
+        return True if _try_send(self, buf) else False
 
+    @cython.binding(False)
+    @cython.always_allow_keywords(False)
     def try_recv(self, into):
         """Copy the next message into ``into`` (a writable buffer of at least
         the message size); returns its size, or 0 when the FIFO is empty.
         Raises BadMessageSize for a message whose msg_size is impossible (it
         is dropped; the next call continues with the following message)."""
-        cdef Py_buffer view
-        cdef int n
-        self._enter()
-        try:
-            if self.fstate != FSTATE_RUNNING:
-                self._check_running()
-            if self.pending_bad >= 0:
-                self._raise_bad()
-            if PyByteArray_CheckExact(into):
-                n = self._recv_raw(PyByteArray_AS_STRING(into), PyByteArray_GET_SIZE(into))
-            else:
-                PyObject_GetBuffer(into, &view, PyBUF_WRITABLE)
-                try:
-                    n = self._recv_raw(<char *>view.buf, view.len)
-                finally:
-                    PyBuffer_Release(&view)
-            if n > 0:
-                self._publish_rx()
-                self.received += 1
-                return n
-            if n < 0:
-                # The bad size was read from our private copy before the
-                # slot went back to the producer (_recv_raw).
-                self._publish_rx()
-                self._raise_bad()
-            return 0
-        finally:
-            self._leave()
+        return _try_recv(self, into)
 
     def _raise_bad(self):
         bad = self.pending_bad
@@ -186,34 +229,38 @@ cdef class MsgFifo(FifoRing):
         for room.  Raises TimeoutError."""
         cdef long long t = -1 if timeout is None else <long long>(timeout * 1e9)
         cdef int ok
-        self._enter()
+        session_enter(self)
         try:
-            while not self.try_send(buf):
+            while not _try_send(self, buf):
                 with nogil:
                     ok = self._wait_writable(t)
                 if not ok:
                     raise TimeoutError(f"FIFO full for {timeout} s: the peer is not consuming")
             return True
         finally:
-            self._leave()
+            session_leave(self)
 
     def recv(self, into, timeout=None):
         """Receive one message into ``into``, waiting up to ``timeout`` seconds
         (None: forever).  Returns its size; raises TimeoutError."""
-        cdef long long t = -1 if timeout is None else <long long>(timeout * 1e9)
-        cdef int ok
-        self._enter()
+        cdef long long t
+        cdef int ok, n
+        session_enter(self)
         try:
+            n = _try_recv(self, into)
+            if n:
+                return n   # the common case of a busy peer: no wait set up at all
+            t = -1 if timeout is None else <long long>(timeout * 1e9)
             while True:
-                n = self.try_recv(into)
-                if n:
-                    return n
                 with nogil:
                     ok = self._wait_readable(t)
                 if not ok:
                     raise TimeoutError(f"no message within {timeout} s")
+                n = _try_recv(self, into)
+                if n:
+                    return n
         finally:
-            self._leave()
+            session_leave(self)
 
     def recv_bytes(self, timeout=None):
         """Receive one message and return it as bytes."""

@@ -120,73 +120,25 @@ cdef class FifoRing(FifoSession):
 
     cdef int _send_raw(self, const char *buf, size_t n) except -1 nogil:
         """Fill the next slot (not yet published).  1 sent, 0 full."""
-        cdef uint32_t nxt = self.tx_idx + 1
-        cdef char *slot
-        if nxt == self.num_slots:
-            nxt = 0
-        if nxt == self.peer_cons_cache:
-            self._refresh_cons()
-            if nxt == self.peer_cons_cache:
-                return 0
-        slot = self.tx_elems + <size_t>self.tx_idx * self.slot_size
-        vm_copy_to_shared(slot, buf, n, self.memtype)
-        if n < self.slot_size:
-            # Peers see whole slots; stale bytes of an older message must not leak.
-            vm_zero_shared(slot + n, self.slot_size - n, self.memtype)
-        self.tx_idx = nxt
-        return 1
+        return ring_send_raw(self, buf, n)
 
     cdef int _publish_tx(self) except -1 nogil:
-        # R1 -> peer A1: slot contents must be visible before the index that publishes them.
-        if self.layout == C_LAYOUT_B:
-            vm_store16(self.my_qh + VMAMP_QH_OFF_PROD, <uint16_t>self.tx_idx, VM_RELEASE)
-        else:
-            vm_store32(self.tx_block + SPSC_OFF_PROD, self.tx_idx, VM_RELEASE)
-        # A copy that found the object shrunk went into zero pages: say so.
-        self._check_lost()
-        return 0
+        return ring_publish_tx(self)   # R1 (fifo_ring.pxd)
 
     cdef int _publish_rx(self) noexcept nogil:
-        # R2 -> peer A2: we finished copying the slots out before the producer may reuse them.
-        if self.layout == C_LAYOUT_B:
-            vm_store16(self.my_qh + VMAMP_QH_OFF_CONS, <uint16_t>self.rx_idx, VM_RELEASE)
-        else:
-            vm_store32(self.rx_block + SPSC_OFF_CONS, self.rx_idx, VM_RELEASE)
-        return 0
+        return ring_publish_rx(self)   # R2 (fifo_ring.pxd)
 
     cdef int _recv_raw(self, char *out, size_t cap) except -2 nogil:
         """Copy the next message out (not yet published).  Returns its size,
         0 when empty, -1 when it had a bad msg_size (consumed, dropped, the
         size left in pending_bad)."""
-        cdef const uint8_t *h
-        cdef uint32_t msz, nxt
-        if self.rx_idx == self.peer_prod_cache:
-            self._refresh_prod()
-            if self.rx_idx == self.peer_prod_cache:
-                return 0
-        # The whole slot into private memory first (ordered by A1 in
-        # _refresh_prod), then msg_size from the copy: the peer may rewrite
-        # the slot at any moment, so one read must decide both the check and
-        # the length handed out, as in _recv_bulk.
-        vm_copy_from_shared(self._scratch, self.rx_elems + <size_t>self.rx_idx * self.slot_size,
-                            self.slot_size, self.memtype)
-        self._check_lost()
-        h = <const uint8_t *>(self._scratch + self.msg_size_off)
-        msz = h[0] | (<uint32_t>h[1] << 8)
-        nxt = self.rx_idx + 1
-        if nxt == self.num_slots:
-            nxt = 0
-        if msz < self.header_size or msz > self.slot_size:
-            self.rx_idx = nxt
-            self._keep_bad(self._scratch, msz)
-            return -1
-        if msz > cap:
-            with gil:
-                raise ValueError(f"receive buffer of {cap} bytes is smaller than the "
-                                 f"{msz}-byte message waiting")
-        memcpy(out, self._scratch, msz)
-        self.rx_idx = nxt
-        return <int>msz
+        return ring_recv_raw(self, out, cap)
+
+    cdef int _too_small(self, size_t cap, uint32_t msz) except -1 nogil:
+        # The message stays queued: the caller may retry with a larger buffer.
+        with gil:
+            raise ValueError(f"receive buffer of {cap} bytes is smaller than the "
+                             f"{msz}-byte message waiting")
 
     cdef void _keep_bad(self, const char *slot, uint32_t msz) noexcept nogil:
         # A malformed message is dropped, but what was read (one whole slot,
@@ -257,9 +209,11 @@ cdef class FifoRing(FifoSession):
 
     cdef int _notify(self) except -1 nogil:
         """Ring the peer if it may be asleep."""
+        return ring_notify(self)
+
+    cdef int _ring_peer(self) except -1 nogil:
+        """_notify with a doorbell that can interrupt the peer."""
         cdef uint16_t st
-        if self.doorbell.kind == DB_KIND_POLL:
-            return 0
         # F1 (pairs with F2): our published index must be visible before we
         # read the peer's WAITING flag, else the peer could check an empty
         # queue, sleep, and miss this message.

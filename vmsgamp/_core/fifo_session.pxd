@@ -88,6 +88,7 @@ cdef class FifoSession:
 
     cdef int _alloc_scratch(self) except -1
     cdef int _enter(self) except -1
+    cdef int _raise_closed(self) except -1
     cdef void _leave(self) noexcept
     cdef void _release(self) noexcept
     cdef int _check_closed(self) except -1 nogil
@@ -100,3 +101,22 @@ cdef class FifoSession:
     cdef void _write_status(self, uint16_t state) noexcept nogil
     cdef int _set_waiting(self, bint on) noexcept nogil
     cdef int _peer_event(self, uint16_t st) except -1
+
+
+# ---- the guards, inline ------------------------------------------------------------------
+# Every call that touches the mapping is bracketed by these (GIL held).  They
+# are inline so the per-message calls (fifo.pyx) pay no call through the
+# vtable into another module; FifoSession._enter/_leave are the same code.
+
+cdef inline int session_enter(FifoSession s) except -1:
+    """Count a call in, so close() from another thread defers the release."""
+    if s._closed:
+        return s._raise_closed()
+    s._active += 1
+    return 0
+
+
+cdef inline void session_leave(FifoSession s) noexcept:
+    s._active -= 1
+    if s._active == 0 and s._closed:
+        s._release()

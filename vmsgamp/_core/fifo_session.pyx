@@ -174,15 +174,13 @@ cdef class FifoSession:
     cdef int _enter(self) except -1:
         # Every call that touches the mapping counts itself in (GIL held), so
         # close() from another thread defers the release until it has left.
-        if self._closed:
-            raise FifoClosedError("FIFO is closed")
-        self._active += 1
-        return 0
+        return session_enter(self)
+
+    cdef int _raise_closed(self) except -1:
+        raise FifoClosedError("FIFO is closed")
 
     cdef void _leave(self) noexcept:
-        self._active -= 1
-        if self._active == 0 and self._closed:
-            self._release()
+        session_leave(self)
 
     cdef void _release(self) noexcept:
         if not self._pinned:

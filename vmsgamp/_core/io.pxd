@@ -21,6 +21,8 @@ cdef extern from "vmsgamp_io.h" nogil:
     void vm_fence_acquire()
     void vm_fence_release()
     void vm_cpu_relax()
+    void vm_prefetch_read(const void *p)
+    void vm_prefetch_write(void *p)
     void vm_copy_to_shared(void *dst, const void *src, size_t n, int memtype)
     void vm_copy_from_shared(void *dst, const void *src, size_t n, int memtype)
     void vm_zero_shared(void *dst, size_t n, int memtype)
