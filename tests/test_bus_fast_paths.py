@@ -175,3 +175,29 @@ def test_a_peer_that_never_stops_sending_cannot_hold_the_loop(link):
     answered = bus.conn.counters.pings_answered
     assert 1 <= answered <= 64
     assert bus.poll(0) == [] and bus.conn.counters.pings_answered == 2 * answered
+
+
+def test_await_reply_reports_a_peer_that_left_while_it_spun():
+    # The wait that meets the peer's SHUTDOWN ends the session there and
+    # says so: the FIFO has stopped, a later poll() could not tell why.
+    from vmsgamp.bus import PeerLost
+    from vmsgamp.protocol import DriverConnection
+
+    region = Region.memfd(1 << 20)
+    dev_bell, drv_bell = EventfdDoorbell.pair()
+    dev_fifo = MsgFifo(region, role="device", doorbell=dev_bell)
+    drv_fifo = MsgFifo(region, role="driver", doorbell=drv_bell)
+    t = threading.Thread(target=dev_fifo.start, args=(5,))
+    t.start()
+    drv_fifo.start(5)
+    t.join()
+    bus = AmpBus(drv_fifo, DriverConnection())
+    try:
+        dev_fifo.close()                       # the device side shuts down
+        events = bus.await_reply()
+        assert [type(e) for e in events] == [PeerLost] and not bus.up
+    finally:
+        drv_fifo.close()
+        dev_bell.close()
+        drv_bell.close()
+        region.close()

@@ -242,22 +242,25 @@ class AmpBus:
             return self._broken(e)
         return []
 
-    def await_reply(self) -> None:
+    def await_reply(self) -> list[Event]:
         """Right after sending a request: spin on the FIFO (in C, without
         the GIL) for up to the wait policy's spin window, returning the
         moment a message lands.  The caller's ``poll()`` then finds it
         ready: the answer is met at once instead of after the waiter's
-        bookkeeping.  Nothing happens with a policy that does not spin."""
+        bookkeeping.  Nothing happens with a policy that does not spin.
+        Returns the events of a session that ended meanwhile (as
+        ``transmit`` does; normally empty)."""
         policy = self.waiter.policy
         spin = SPIN_SLICE_S if policy.busy_poll else policy.spin_us * 1e-6
         if spin <= 0 or not self.up:
-            return
+            return []
         fifo = self.fifo
         try:
             fifo.spin_ns = _SPIN_ALWAYS_NS
             fifo.wait_readable(spin)
-        except (PeerStateError, FifoBrokenError):
-            pass   # the caller's next poll() meets the same state and ends the session
+        except (PeerStateError, FifoBrokenError) as e:
+            return self.peer_lost(e)
+        return []
 
     @property
     def wait_policy(self) -> WaitPolicy:

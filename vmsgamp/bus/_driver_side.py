@@ -200,10 +200,10 @@ class AmpDriver:
         """Send a request and wait for its response."""
         timeout = self.timeout if timeout is None else timeout
         lost = self.bus.send(msg, timeout=timeout)
+        if not lost and self.conn.pending_requests() == 1:   # ours went out (none queued before it)
+            lost = self.bus.await_reply()
         if lost:
             self.dispatch(lost)
-        elif self.conn.pending_requests() == 1:   # ours went out (none queued before it)
-            self.bus.await_reply()
         ev = self._wait_answer(msg.__class__, msg.dev_num, timeout + 1.0)
         if ev.__class__ is ResponseReceived:
             return ev.response
@@ -272,11 +272,9 @@ class AmpDriver:
         if out is None:   # the bus channel is busy: queue like any request
             resp = self.request(PingRequest(data=data), timeout=timeout)
             return int(resp.data)  # type: ignore[attr-defined]
-        lost = bus.transmit(out)
+        lost = bus.transmit(out) or bus.await_reply()
         if lost:
             self.dispatch(lost)
-        else:
-            bus.await_reply()
         deadline = now + timeout + 1.0
         while conn.ping_pending:
             if not bus.up:
