@@ -69,15 +69,21 @@ def _measure(drv, duration: float) -> dict[str, float]:
     return out
 
 
-def _ping(drv, seconds: float) -> dict[str, float]:
-    """PING round trips for ``seconds``: p50, p99 and mean in microseconds."""
+def _ping(drv, seconds: float, generic: bool = False) -> dict[str, float]:
+    """PING round trips for ``seconds``: p50, p99 and mean in microseconds.
+    As `vmsgamp ping` sends them (``AmpDriver.ping_once``), or with
+    ``generic`` through ``AmpDriver.request`` (message objects and events:
+    what any other request pays)."""
     rtts = []
     clock = time.perf_counter
     end = clock() + seconds
     i = 0
     while True:
         t0 = clock()
-        drv.request(PingRequest(data=0x5A000000 | (i & 0xFFFFFF)))
+        if generic:
+            drv.request(PingRequest(data=0x5A000000 | (i & 0xFFFFFF)))
+        else:
+            drv.ping_once(0x5A000000 | (i & 0xFFFFFF))
         t1 = clock()
         rtts.append((t1 - t0) * 1e6)
         i += 1
@@ -88,7 +94,7 @@ def _ping(drv, seconds: float) -> dict[str, float]:
             "mean_us": statistics.fmean(rtts)}
 
 
-def _runs(duration: float, rounds: int, ping_pairs: int, ping_seconds: float, control: bool,
+def _runs(duration: float, rounds: int, ping_pairs: int, ping_seconds: float, control: bool, generic: bool,
           tmp: str) -> tuple[dict[str, list[dict[str, float]]], dict[str, list[dict[str, float]]]]:
     ctl_r, ctl_w = os.pipe()
     ack_r, ack_w = os.pipe()
@@ -115,7 +121,7 @@ def _runs(duration: float, rounds: int, ping_pairs: int, ping_seconds: float, co
             for i in range(ping_pairs):
                 for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
                     switch(mode)
-                    pings[mode].append(_ping(drv, ping_seconds))
+                    pings[mode].append(_ping(drv, ping_seconds, generic))
             for _ in range(rounds):
                 for mode in ("off", "on"):
                     switch(mode)
@@ -157,10 +163,13 @@ def main() -> None:
     ap.add_argument("--ping-seconds", type=float, default=0.3, help="seconds per PING sample")
     ap.add_argument("--control", action="store_true",
                     help="never attach a tracer: the method's noise floor (everything should read ~0)")
+    ap.add_argument("--generic", action="store_true",
+                    help="PING through AmpDriver.request (as any request) instead of `vmsgamp ping`'s fast path")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        runs, pings = _runs(args.duration, args.rounds, args.ping_pairs, args.ping_seconds, args.control, tmp)
+        runs, pings = _runs(args.duration, args.rounds, args.ping_pairs, args.ping_seconds, args.control,
+                                   args.generic, tmp)
     med = {mode: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for mode, rs in runs.items()}
     for mode, ps in pings.items():
         for k in ("p50_us", "p99_us", "mean_us"):
