@@ -347,3 +347,57 @@ def test_idle_sleep_poll_notices_a_shrunk_shared_object() -> None:
     with pytest.raises(SharedObjectLost):
         w.wait(fifo, 10.0)
     assert fifo.region.looks == 3 and clock.t < 1.0
+
+
+# ---- the window adapts to how fast the peer comes back ------------------------------------
+
+def test_window_halves_when_spins_miss_and_doubles_back_when_they_would_meet() -> None:
+    # A message that ends a block later than spin_us after the last activity:
+    # the spin was in vain (and took CPU the peer may have needed): halve it,
+    # down to none.  One within spin_us: double back, never past spin_us.
+    clock = Clock()
+    w, _ = make(WaitPolicy(spin_us=100), clock)
+    fifo = FakeFifo(clock, can_wait=True)
+    for i, want in enumerate((50e-6, 25e-6, 12.5e-6, 0.0, 0.0)):
+        clock.t = float(i)
+        fifo.arrive_at = clock.t + 300e-6
+        w.activity(clock.t)
+        w.wait(fifo, 1.0)
+        assert w.spin_s == pytest.approx(want)
+    clock.t = 10.0
+    w.activity(clock.t)
+    assert w.plan(clock.t, can_block=True)[0] is BLOCK            # no window left: block at once
+    for i, want in enumerate((10e-6, 20e-6, 40e-6, 80e-6, 100e-6, 100e-6)):
+        clock.t = 20.0 + i
+        fifo.arrive_at = clock.t + 60e-6                           # would have been met by spin_us
+        w.activity(clock.t)
+        w.wait(fifo, 1.0)
+        assert w.spin_s == pytest.approx(want)
+
+
+def test_a_message_met_while_spinning_leaves_the_window_alone() -> None:
+    clock = Clock()
+    w, _ = make(WaitPolicy(spin_us=100), clock)
+    fifo = FakeFifo(clock, can_wait=True, arrive_at=40e-6)
+    w.activity(0.0)
+    w.wait(fifo, 1.0)
+    assert w.blocks == 0 and w.spin_s == pytest.approx(100e-6)
+
+
+def test_no_adapting_without_a_window_or_with_busy_poll() -> None:
+    clock = Clock()
+    for policy in (WaitPolicy(spin_us=0), WaitPolicy(spin_us=100, busy_poll=True)):
+        w, _ = make(policy, clock)
+        before = w.spin_s
+        w.activity(clock.t)
+        w.woke(clock.t + 1.0)
+        assert w.spin_s == before
+
+
+def test_sleep_polling_wait_also_adapts() -> None:
+    clock = Clock()
+    w, slept = make(WaitPolicy(spin_us=100, idle_backoff_ms=4), clock)
+    fifo = FakeFifo(clock, can_wait=False, arrive_at=2e-3)
+    w.activity(0.0)
+    w.wait(fifo, 1.0)
+    assert w.sleeps >= 1 and w.spin_s == pytest.approx(50e-6)
