@@ -20,8 +20,9 @@ from vmsgamp.protocol import (DeviceConnection, EventAvail, GetDeviceStatusReque
 
 
 @pytest.fixture
-def link():
-    """(device-side AmpBus, raw driver FIFO) over one memfd, both started."""
+def fifos():
+    """(device MsgFifo, driver MsgFifo, region) over one memfd with eventfd
+    doorbells, both started."""
     region = Region.memfd(1 << 20)
     dev_bell, drv_bell = EventfdDoorbell.pair()
     dev_fifo = MsgFifo(region, role="device", doorbell=dev_bell)
@@ -30,13 +31,19 @@ def link():
     t.start()
     drv_fifo.start(5)
     t.join()
-    bus = AmpBus(dev_fifo, DeviceConnection())
-    yield bus, drv_fifo, region
+    yield dev_fifo, drv_fifo, region
     drv_fifo.close()
     dev_fifo.close()
     dev_bell.close()
     drv_bell.close()
     region.close()
+
+
+@pytest.fixture
+def link(fifos):
+    """(device-side AmpBus, raw driver FIFO, region)."""
+    dev_fifo, drv_fifo, region = fifos
+    yield AmpBus(dev_fifo, DeviceConnection()), drv_fifo, region
 
 
 def _kicks(bus: AmpBus) -> list[tuple[int, int]]:
@@ -177,27 +184,14 @@ def test_a_peer_that_never_stops_sending_cannot_hold_the_loop(link):
     assert bus.poll(0) == [] and bus.conn.counters.pings_answered == 2 * answered
 
 
-def test_await_reply_reports_a_peer_that_left_while_it_spun():
+def test_await_reply_reports_a_peer_that_left_while_it_spun(fifos):
     # The wait that meets the peer's SHUTDOWN ends the session there and
     # says so: the FIFO has stopped, a later poll() could not tell why.
     from vmsgamp.bus import PeerLost
     from vmsgamp.protocol import DriverConnection
 
-    region = Region.memfd(1 << 20)
-    dev_bell, drv_bell = EventfdDoorbell.pair()
-    dev_fifo = MsgFifo(region, role="device", doorbell=dev_bell)
-    drv_fifo = MsgFifo(region, role="driver", doorbell=drv_bell)
-    t = threading.Thread(target=dev_fifo.start, args=(5,))
-    t.start()
-    drv_fifo.start(5)
-    t.join()
+    dev_fifo, drv_fifo, _ = fifos
     bus = AmpBus(drv_fifo, DriverConnection())
-    try:
-        dev_fifo.close()                       # the device side shuts down
-        events = bus.await_reply()
-        assert [type(e) for e in events] == [PeerLost] and not bus.up
-    finally:
-        drv_fifo.close()
-        dev_bell.close()
-        drv_bell.close()
-        region.close()
+    dev_fifo.close()                       # the device side shuts down
+    events = bus.await_reply()
+    assert [type(e) for e in events] == [PeerLost] and not bus.up

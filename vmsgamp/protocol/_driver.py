@@ -95,13 +95,9 @@ class DriverConnection(Connection):
         wire = self._kick_wires.get(key)
         if wire is None:
             wire = self._kick_wires[key] = self._encode(EventAvail(dev_num=dev_num, vq_index=vq_index))
+        self._outbox.append(wire)
         self.counters.tx_messages += 1
-        out = self._outbox
-        if out:
-            out.append(wire)
-            self._outbox = []
-            return out
-        return [wire]
+        return self.data_to_send()
 
     def set_status(self, dev_num: int, status: int, now: float, *, timeout: float | None = None) -> list[bytes]:
         """SET_DEVICE_STATUS after checking the write against the status rules

@@ -27,7 +27,7 @@ ChannelKey = Union[int, str]
 DEFAULT_REQUEST_TIMEOUT = 5.0  # Linux waits 100 s; a co-processor link that is silent for 5 s is dead
 _NEVER = float("inf")
 
-# The PING fast paths (answer_ping, start_ping, ping_response) work on the
+# The PING fast paths (ping_answer, start_ping, ping_response) work on the
 # bytes, without message objects: a PING's header and data word, per profile
 # (has_token), read as (dev_num, token?, msg_size, data) and written as
 # (type, msg_id, dev_num, token?, msg_size, data) plus the slot padding.
@@ -254,22 +254,13 @@ class Connection:
             return []
         return self.receive_message(msg, now)
 
-    def answer_ping(self, data: bytes) -> bool:
-        """The hot path of a bus round trip: if ``data`` is a well-formed
-        PING request, put its answer in the outbox (exactly what
-        ``receive_bytes`` would send) and return True; the caller then skips
-        ``receive_bytes`` and no PingReceived event is made (the counters
-        say it).  False for anything else: pass it to ``receive_bytes``."""
-        out = self.ping_answer(data)
-        if out is None:
-            return False
-        self._outbox.append(out)
-        return True
-
     def ping_answer(self, data: bytes) -> bytes | None:
-        """``answer_ping`` without the outbox: the answer's bytes (counted
-        as sent), for a caller that transmits them at once; None if
-        ``data`` is not a well-formed PING request."""
+        """The hot path of a bus round trip: if ``data`` is a well-formed
+        PING request, return its answer's bytes (exactly what
+        ``receive_bytes`` would put in the outbox; counted as received,
+        answered and sent) for the caller to transmit at once; no
+        PingReceived event is made.  None for anything else: pass it to
+        ``receive_bytes``."""
         size = self._ping_size
         if len(data) < size or data[1] != PING_ID or data[0] & 3 != TYPE_BUS:
             return None
@@ -311,27 +302,19 @@ class Connection:
         ping = self._ping
         if self._has_token:
             self._last_token = token = self._last_token % 0xFFFF + 1
-            ping.wire = wire = self._ping_out(_PING_REQUEST_TYPE, PING_ID, 0, token, self._ping_size, data)
+            ping.wire = self._ping_out(_PING_REQUEST_TYPE, PING_ID, 0, token, self._ping_size, data)
         else:
             token = 0
-            ping.wire = wire = self._ping_out(_PING_REQUEST_TYPE, PING_ID, 0, self._ping_size, data)
+            ping.wire = self._ping_out(_PING_REQUEST_TYPE, PING_ID, 0, self._ping_size, data)
         ping.token = token
         ping.data = data
         ping._request = None
         ping.timeout = self.request_timeout if timeout is None else timeout
-        ping.deadline = deadline = now + ping.timeout
-        if deadline < self._deadline_hint:
-            self._deadline_hint = deadline
-        ch.in_flight = ping  # type: ignore[assignment]  # duck-types _Pending
+        self._put_in_flight(ch, ping, now)  # type: ignore[arg-type]  # duck-types _Pending
         self._ping_waiting = True
         self.ping_result = None
-        self.counters.tx_messages += 1
-        out = self._outbox
-        if out:
-            out.append(wire)
-            self._outbox = []
-            return out
-        return [wire]
+        out, self._outbox = self._outbox, []
+        return out
 
     @property
     def ping_pending(self) -> bool:

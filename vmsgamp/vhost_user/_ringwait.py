@@ -147,15 +147,7 @@ class RingWait:
             while True:
                 found = False
                 for r in watched:
-                    q = r.queue
-                    if q is None or q.broken:
-                        continue
-                    try:
-                        ready = q.has_available()
-                    except QueueBrokenError as e:
-                        broken(r, e.reason)
-                        continue
-                    if ready:
+                    if _ask(r, "has_available", broken):
                         if serve(r):
                             self.stats["served_while_spinning"] += 1
                             found = True
@@ -197,15 +189,20 @@ class RingWait:
             r = by_index.get(index)
             if r is None:
                 continue   # stopped meanwhile (forget() armed it)
-            q = r.queue
-            if q is None or q.broken:
-                continue
-            try:
-                ready = q.enable_notification()
-            except QueueBrokenError as e:
-                broken(r, e.reason)
-                continue
-            if ready and r.enabled and serve(r):
+            if _ask(r, "enable_notification", broken) and r.enabled and serve(r):
                 self.stats["served_at_arm"] += 1
                 found = True
         return found
+
+
+def _ask(r: Ring, what: str, broken: Callable[[Ring, str], None]) -> bool:
+    """``r.queue.<what>()`` of a live ring (True: chains are waiting); a
+    queue found broken is reported through ``broken`` and counts as False."""
+    q = r.queue
+    if q is None or q.broken:
+        return False
+    try:
+        return bool(getattr(q, what)())
+    except QueueBrokenError as e:
+        broken(r, e.reason)
+        return False
