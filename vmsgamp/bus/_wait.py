@@ -22,8 +22,8 @@ The spin window adapts (``Waiter.woke``): a peer's message that wakes a
 sleeping loop later than ``spin_us`` after the last activity halves it (to
 none below 10 µs), one that comes within ``spin_us`` doubles it back.  On
 a machine with more busy loops than CPUs a spin that keeps missing only
-takes CPU from the peer it waits for (two ping-pong pairs on a 2-CPU VM:
-360 µs round trips with a fixed window, 4–110 µs adapted); on a quiet one
+takes CPU from the peer it waits for (two ping-pong pairs on this 2-CPU VM:
+360 µs round trips with a fixed window, ~110 µs adapted); on a quiet one
 the window stays at ``spin_us``.
 
 ``busy_poll`` never sleeps (benchmark runs: lowest latency, one CPU per
