@@ -250,8 +250,8 @@ class AmpBus:
         bookkeeping.  Nothing happens with a policy that does not spin.
         Returns the events of a session that ended meanwhile (as
         ``transmit`` does; normally empty)."""
-        waiter = self.waiter
-        spin = SPIN_SLICE_S if waiter.policy.busy_poll else waiter.spin_s
+        policy = self.waiter.policy
+        spin = SPIN_SLICE_S if policy.busy_poll else policy.spin_us * 1e-6
         if spin <= 0 or not self.up:
             return []
         fifo = self.fifo

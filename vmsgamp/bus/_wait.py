@@ -18,14 +18,6 @@ holds the knobs, one ``Waiter`` per loop applies them):
    so a waiting loop costs next to no CPU while the first message after a
    quiet spell waits at most that long.
 
-The spin window adapts (``Waiter.woke``): a peer's message that wakes a
-sleeping loop later than ``spin_us`` after the last activity halves it (to
-none below 10 µs), one that comes within ``spin_us`` doubles it back.  On
-a machine with more busy loops than CPUs a spin that keeps missing only
-takes CPU from the peer it waits for (two ping-pong pairs on this 2-CPU VM:
-360 µs round trips with a fixed window, ~110 µs adapted); on a quiet one
-the window stays at ``spin_us``.
-
 ``busy_poll`` never sleeps (benchmark runs: lowest latency, one CPU per
 loop); it still spins in bounded slices so timeouts, housekeeping and
 Ctrl-C keep working.  Every wait is bounded by its timeout, and every
@@ -48,7 +40,6 @@ SPIN_SLICE_S = 0.01              # longest C spin without a look at signals and 
 FD_CHECK_S = 50e-6               # while spinning, the loop's other fds are looked at this often
 _SPIN_FOREVER_NS = 1 << 62       # FIFO spin setting for "spin until the timeout"
 _SPIN_MIN_S = 1e-7               # less spin window than this left: it is over
-SPIN_MIN_WINDOW_S = 10e-6        # an adapted spin window below this is none (Waiter.woke)
 SIZE_POLL_S = 0.1                # idle sleep-poll: fstat the shared object this often
 
 SPIN = "spin"
@@ -82,15 +73,14 @@ class Waiter:
     ``wait(fifo, timeout, fds)`` carries it out.  ``clock``, ``sleep`` and
     ``select`` are injectable for tests."""
 
-    __slots__ = ("policy", "spin_s", "base_s", "cap_s", "clock", "_sleep", "_select", "active_at",
+    __slots__ = ("policy", "spin_s", "cap_s", "clock", "_sleep", "_select", "active_at",
                  "backoff", "_seen", "_size_next", "_fd_next", "spins", "blocks", "sleeps")
 
     def __init__(self, policy: WaitPolicy | None = None, *, clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], Any] = time.sleep,
                  select_fn: Callable[..., Any] = select.select) -> None:
         self.policy = policy = policy or WaitPolicy()
-        self.base_s = policy.spin_us * 1e-6
-        self.spin_s = self.base_s        # the spin window now: base_s, grown by woke() up to SPIN_GROW x
+        self.spin_s = policy.spin_us * 1e-6
         self.cap_s = policy.idle_backoff_ms * 1e-3
         self.clock = clock
         self._sleep = sleep
@@ -128,23 +118,6 @@ class Waiter:
         if can_block:
             return BLOCK, math.inf
         return SLEEP, self.backoff
-
-    def woke(self, now: float) -> None:
-        """A peer's message ended a block or an idle sleep ``now -
-        active_at`` after the last activity.  Within ``spin_us`` a spin
-        would have met it: the window doubles back towards ``spin_us``.
-        Later, the spin was in vain and took CPU the peer may have needed
-        (a machine with more runnable loops than CPUs): the window halves,
-        and below ``SPIN_MIN_WINDOW_S`` the loop blocks at once.  KVM's
-        halt polling adapts the same way."""
-        base = self.base_s
-        if base <= 0 or self.policy.busy_poll:
-            return
-        if now - self.active_at <= base:
-            self.spin_s = min(base, max(self.spin_s * 2, SPIN_MIN_WINDOW_S))
-        else:
-            half = self.spin_s / 2
-            self.spin_s = half if half >= SPIN_MIN_WINDOW_S else 0.0
 
     def slept(self) -> None:
         """An idle sleep went by without traffic: the next one is longer."""
@@ -202,8 +175,6 @@ class Waiter:
                     t = min(t, max(fd_next - now, 0.0))
                 fifo.spin_ns = _SPIN_FOREVER_NS
                 if t > 0 and fifo.wait_readable(t):
-                    if self.spin_s < self.base_s:   # met while spinning: the window may grow back
-                        self.spin_s = min(self.base_s, self.spin_s * 2)
                     return []
                 now = clock()
                 if fds and now >= fd_next:
@@ -225,8 +196,7 @@ class Waiter:
                 self.blocks += 1
                 if not fds:
                     fifo.spin_ns = 0
-                    if fifo.wait_readable(None if deadline == math.inf else left):
-                        self.woke(clock())
+                    fifo.wait_readable(None if deadline == math.inf else left)
                     return []
                 return self._block_with_fds(fifo, bell, fds, None if deadline == math.inf else left)
             self.sleeps += 1
@@ -238,10 +208,7 @@ class Waiter:
             else:
                 self._sleep(t)
             self.slept()
-            if fifo.pending():
-                self.woke(clock())
-                return []
-            if check is not None and check():
+            if fifo.pending() or (check is not None and check()):
                 return []
             now = clock()
             if now >= self._size_next:
@@ -263,8 +230,6 @@ class Waiter:
         if bell in ready:
             fifo.doorbell.drain()
             ready = [fd for fd in ready if fd != bell]
-            if fifo.pending():
-                self.woke(self.clock())
         return ready
 
 
